@@ -78,6 +78,16 @@ class GeometryError(MedfusionError):
     code = "GEOMETRY"
 
 
+# --- preprocessing -----------------------------------------------------------------------
+class PreprocessError(MedfusionError):
+    """A volume that cannot be prepared for a model as asked (4D without a channel rule
+    (``NOT_3D``), a map whose shape is not the processed grid's (``SHAPE_MISMATCH``), an
+    ``auto`` normalisation for an unknown modality (``UNKNOWN_MODALITY``), NaN/Inf voxels
+    (``INVALID_VALUES``), a singular affine (``GEOMETRY``))."""
+
+    code = "PREPROCESS"
+
+
 # --- clinical records --------------------------------------------------------------------
 class ClinicalSchemaError(MedfusionError):
     code = "CLINICAL_SCHEMA"
@@ -106,6 +116,20 @@ class ModalityMismatchError(MedfusionError):
     code = "MODALITY_MISMATCH"
 
 
+# --- calibration, uncertainty, explanations ----------------------------------------------
+class CalibrationError(MedfusionError):
+    """Bad input to temperature scaling, conformal prediction or uncertainty estimators
+    (shape mismatch, NaN, labels out of range, alpha outside (0, 1), not fitted)."""
+
+    code = "CALIBRATION"
+
+
+class ExplanationError(MedfusionError):
+    """An explanation that cannot be computed (unknown role or method, no image input)."""
+
+    code = "EXPLANATION"
+
+
 # --- batch -------------------------------------------------------------------------------
 class OutputError(MedfusionError):
     code = "OUTPUT"
@@ -117,3 +141,11 @@ class BudgetExceededError(MedfusionError):
 
 class UnsafePathError(MedfusionError):
     code = "UNSAFE_PATH"
+
+
+# --- validation report -------------------------------------------------------------------
+class ReportInputError(MedfusionError):
+    """Scores, labels or a comparison file that cannot be turned into a validation report
+    (missing columns, duplicate study ids, unknown labels, no scored study with a label)."""
+
+    code = "REPORT_INPUT"
