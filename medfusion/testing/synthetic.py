@@ -52,17 +52,6 @@ DEFAULT_FORMATS: Mapping[str, str] = {"ct": "dicom", "mr": "nifti", "xray": "dic
 
 XRAY_SPACING = (0.6, 0.6)
 MR_SPACING = (1.2, 1.2, 3.0)
-# Identifiers planted in synthetic DICOM headers when the engineer-A factory is absent
-# (the factory plants its own). Tests check that none of them ever leaves medfusion.
-SENTINELS: Mapping[str, str] = {
-    "PatientName": "ZZTEST^SENTINEL",
-    "PatientID": "ZZSENTINEL-PID-0451",
-    "PatientBirthDate": "19010101",
-    "AccessionNumber": "ZZACC-0451",
-    "InstitutionName": "ZZ Sentinel Hospital",
-}
-
-
 @dataclass(frozen=True, eq=False)
 class SyntheticSubject:
     """One synthetic subject: images per role, where the lesion is, and a clinical record.
@@ -276,12 +265,6 @@ def make_subject(
 
 # --------------------------------------------------------------------------------------
 # writers
-def _uid(*parts: object) -> str:
-    from pydicom.uid import generate_uid
-
-    return generate_uid(entropy_srcs=["medfusion-synthetic", *(str(p) for p in parts)])
-
-
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, modality: str) -> Path:
     """Write an int16 NIfTI with sform = qform = ``affine`` and the modality in ``descrip``."""
     import nibabel as nib
@@ -296,109 +279,40 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, modality: str
 
 
 def write_dicom_series(
-    folder: Path, array: np.ndarray, affine: np.ndarray, modality: str, *, uid_seed: str
+    folder: Path, array: np.ndarray, affine: np.ndarray, modality: str, *, seed: int
 ) -> list[Path]:
-    """Write an axial DICOM series (one file per k) for an affine made by :func:`axial_affine`."""
-    return _tmp_write_series(folder, array, affine, modality, uid_seed=uid_seed)
+    """Write a DICOM series (one file per k, shuffled names) with the DICOM factory; the
+    headers carry the factory's sentinel identifiers."""
+    from medfusion.testing.dicom_factory import write_series
+
+    return write_series(
+        folder,
+        array,
+        affine=affine,
+        modality=modality,
+        rescale=(1.0, -1024.0) if modality == "CT" else (1.0, 0.0),
+        series_description=f"SYNTHETIC {modality}",
+        series_number=1 if modality == "CT" else 2,
+        seed=seed,
+        file_names="instance",
+    )
 
 
 def write_dicom_radiograph(
-    path: Path, array_ij: np.ndarray, spacing: tuple[float, float], *, uid_seed: str
+    path: Path, array_ij: np.ndarray, spacing: tuple[float, float], *, seed: int
 ) -> Path:
-    """Write a DX radiograph (MONOCHROME2, 12-bit) from a 2D (I, J) array."""
-    return _tmp_write_radiograph(path, array_ij, spacing, uid_seed=uid_seed)
+    """Write a DX radiograph (MONOCHROME2, 12-bit, no VOI window so values load as stored)."""
+    from medfusion.testing.dicom_factory import write_radiograph
 
-
-# ---- TEMPORARY ADAPTER (engineer B): minimal pydicom writers used until engineer A's
-# medfusion.testing.dicom_factory lands; then write_dicom_series/radiograph delegate to it.
-def _tmp_base_dataset(sop_class: str, modality: str, uid_seed: str, study: str, series: str):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = sop_class
-    ds.Modality = modality
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.FrameOfReferenceUID = _uid(uid_seed, "for")
-    for tag, value in SENTINELS.items():
-        setattr(ds, tag, value)
-    ds.StudyDate = "20200101"
-    ds.SeriesDescription = f"synthetic {modality}"
-    ds.SeriesNumber = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    return ds
-
-
-def _tmp_write_series(
-    folder: Path, array: np.ndarray, affine: np.ndarray, modality: str, *, uid_seed: str
-) -> list[Path]:
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
-
-    folder.mkdir(parents=True, exist_ok=True)
-    sop = CTImageStorage if modality == "CT" else MRImageStorage
-    study, series = _uid(uid_seed, "study"), _uid(uid_seed, modality, "series")
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    row_cos = lps[:3, 0] / spacing[0]
-    col_cos = lps[:3, 1] / spacing[1]
-    paths = []
-    for k in range(array.shape[2]):
-        ds = _tmp_base_dataset(sop, modality, uid_seed, study, series)
-        ds.SOPInstanceUID = _uid(uid_seed, modality, k)
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [round(float(v), 6) for v in (lps @ [0, 0, k, 1])[:3]]
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_cos, *col_cos)]
-        ds.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]
-        ds.SliceThickness = round(float(spacing[2]), 6)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[0])
-        ds.PixelRepresentation = 1
-        if modality == "CT":
-            ds.RescaleIntercept = 0
-            ds.RescaleSlope = 1
-            ds.RescaleType = "HU"
-        # DICOM pixel rows run along j, columns along i: the 2D frame is the transpose.
-        ds.PixelData = np.ascontiguousarray(array[:, :, k].T).astype("<i2").tobytes()
-        path = folder / f"IM{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def _tmp_write_radiograph(
-    path: Path, array_ij: np.ndarray, spacing: tuple[float, float], *, uid_seed: str
-) -> Path:
-    from pydicom.uid import DigitalXRayImageStorageForPresentation
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds = _tmp_base_dataset(
-        DigitalXRayImageStorageForPresentation, "DX", uid_seed,
-        _uid(uid_seed, "study"), _uid(uid_seed, "DX", "series"),
+    row_col = (float(spacing[1]), float(spacing[0]))  # DICOM order: row spacing, column spacing
+    return write_radiograph(
+        path,
+        np.asarray(array_ij).astype(np.uint16),
+        modality="DX",
+        pixel_spacing=row_col,
+        imager_pixel_spacing=row_col,
+        seed=seed,
     )
-    ds.SOPInstanceUID = _uid(uid_seed, "DX", 0)
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.InstanceNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.ImagerPixelSpacing = [float(spacing[1]), float(spacing[0])]
-    ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
-    ds.Rows, ds.Columns = int(array_ij.shape[1]), int(array_ij.shape[0])
-    ds.PixelData = np.ascontiguousarray(array_ij.T).astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _assign(n: int, rng: np.random.Generator) -> tuple[list[int], list[int], list[str]]:
@@ -503,15 +417,14 @@ def write_cohort(
                 rel[role] = ""
                 continue
             arr, aff = subject.arrays[role], subject.affines[role]
-            uid_seed = f"{seed}/{sid}"
             if fmt[role] == "nifti":
                 path = write_nifti(sdir / f"{role}.nii.gz", arr, aff, _ROLE_MODALITY[role])
             elif role == "xray":
                 path = write_dicom_radiograph(
-                    sdir / "xray.dcm", arr[:, :, 0], XRAY_SPACING, uid_seed=uid_seed
+                    sdir / "xray.dcm", arr[:, :, 0], XRAY_SPACING, seed=subj_seed
                 )
             else:
-                write_dicom_series(sdir / role, arr, aff, _ROLE_MODALITY[role], uid_seed=uid_seed)
+                write_dicom_series(sdir / role, arr, aff, _ROLE_MODALITY[role], seed=subj_seed)
                 path = sdir / role
             images[sid][role] = path
             rel[role] = path.relative_to(out).as_posix()
