@@ -1,0 +1,378 @@
+"""Training recipes: a small YAML contract read with ``yaml.safe_load``.
+
+The contract (every other key has a default that trains well on 2 CPU cores)::
+
+    labels: [normal, abnormal]          # class names; manifest labels are these strings
+    modalities:                         # imaging roles -> options (may be {} for defaults)
+      ct: {}
+    clinical:                           # manifest columns used as the clinical record
+      age: {type: numeric}
+      sex: {type: categorical}
+    fusion: attention                   # attention | gated | concat | late | kernel
+
+Components are named from the model registry only (``encoder: smallcnn``), never by import
+path; unknown keys, YAML python tags and unknown component names raise :class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medfusion.errors import RecipeError
+
+# Fallback names, used only while medfusion.models.registry is not importable.
+_FALLBACK_ENCODERS = ("smallcnn", "densenet121", "resnet10", "resnet18")
+_FALLBACK_HEADS = ("attention", "concat", "gated", "late", "kernel")
+
+NORMALIZATIONS = ("ct", "mr", "xray", "none", "auto")
+FITS = ("resize", "crop_pad")
+
+# Default input grid / normalisation per well-known role, sized for CPU training.
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ct": {"grid": (48, 48, 48), "normalization": "ct"},
+    "mr": {"grid": (48, 48, 48), "normalization": "mr"},
+    "xray": {"grid": (96, 96, 1), "normalization": "xray"},
+}
+_OTHER_ROLE_DEFAULT: dict[str, Any] = {"grid": (48, 48, 48), "normalization": "auto"}
+
+_MODALITY_KEYS = {"encoder", "grid", "spacing", "normalization", "ct_window", "fit"}
+_TOP_KEYS = {
+    "labels",
+    "modalities",
+    "clinical",
+    "fusion",
+    "encoder",
+    "embed_dim",
+    "dropout",
+    "modality_dropout",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "patience",
+    "class_weighting",
+    "augment",
+    "ensemble",
+    "val_fraction",
+    "test_fraction",
+    "max_minutes",
+}
+
+
+def registry_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Registered encoder and fusion-head names (from medfusion.models.registry)."""
+    try:
+        from medfusion.models import registry
+
+        return tuple(sorted(registry.ENCODERS)), tuple(sorted(registry.FUSION_HEADS))
+    except ImportError:  # pragma: no cover - only while the model layer is being written
+        return _FALLBACK_ENCODERS, _FALLBACK_HEADS
+
+
+@dataclass(frozen=True)
+class ModalityOptions:
+    """Options of one imaging role: its encoder and preprocessing (a RoleSpec's fields)."""
+
+    encoder: str
+    grid: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None
+    normalization: str
+    ct_window: tuple[float, float]
+    fit: str
+
+    @property
+    def spatial_dims(self) -> int:
+        """X-ray roles (depth-1 grids) use a 2D encoder on (B, 1, I, J)."""
+        return 2 if self.grid[2] == 1 else 3
+
+    def role_spec(self) -> Any:
+        """The preprocessing RoleSpec for this role."""
+        from medfusion.preprocess import RoleSpec
+
+        return RoleSpec(
+            grid=self.grid,
+            spacing=self.spacing,
+            normalization=self.normalization,
+            ct_window=self.ct_window,
+            fit=self.fit,
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. Build it with :func:`load_recipe`."""
+
+    labels: tuple[str, ...]
+    modalities: Mapping[str, ModalityOptions]
+    clinical: Mapping[str, Mapping[str, Any]]
+    fusion: str = "attention"
+    encoder: str = "smallcnn"
+    embed_dim: int = 64
+    dropout: float = 0.2
+    modality_dropout: float = 0.2
+    epochs: int = 40
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    class_weighting: bool = True
+    augment: bool = True
+    ensemble: int = 1
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    max_minutes: float | None = None
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Imaging roles in sorted order (the network's modality order)."""
+        return tuple(sorted(self.modalities))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe (defaults filled in), JSON-serialisable."""
+        out = asdict(self)
+        out.pop("source")
+        out["labels"] = list(self.labels)
+        out["modalities"] = {
+            role: {
+                "encoder": o.encoder,
+                "grid": list(o.grid),
+                "spacing": None if o.spacing is None else list(o.spacing),
+                "normalization": o.normalization,
+                "ct_window": list(o.ct_window),
+                "fit": o.fit,
+            }
+            for role, o in sorted(self.modalities.items())
+        }
+        out["clinical"] = {k: dict(v) for k, v in self.clinical.items()}
+        return out
+
+
+def _err(message: str) -> RecipeError:
+    return RecipeError(message + " See docs/training.md for the recipe contract.")
+
+
+def _read_source(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise _err("Recipe file not found: pass the path of a YAML recipe.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _err(f"Recipe file could not be read as UTF-8 text ({type(exc).__name__}).") from None
+    try:
+        # safe_load refuses !!python/... tags (F6): nothing in a recipe can construct objects.
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        kind = "a python tag or unsafe YAML" if "python" in str(exc) else "invalid YAML"
+        raise _err(
+            f"Recipe holds {kind}; only plain YAML mappings/lists/scalars are allowed."
+        ) from None
+    if not isinstance(data, dict):
+        raise _err("Recipe must be a YAML mapping with at least `labels`.")
+    return data
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _err(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}.")
+    return int(value)
+
+
+def _float(value: Any, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(f"`{name}` must be a number in [{lo}, {hi}], got {value!r}.")
+    if not (math.isfinite(float(value)) and lo <= float(value) <= hi):
+        raise _err(f"`{name}` must be a number in [{lo}, {hi}], got {value!r}.")
+    return float(value)
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise _err(f"`{name}` must be true or false, got {value!r}.")
+    return value
+
+
+def _name(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        hint = " Components are named from the registry, never by import path." if (
+            isinstance(value, str) and ("." in value or ":" in value)
+        ) else ""
+        raise _err(f"`{name}` must be one of {list(allowed)}, got {value!r}.{hint}")
+    return value
+
+
+def _role_name(role: Any) -> str:
+    if not isinstance(role, str) or not role.isidentifier() or role == "clinical":
+        raise _err(
+            f"Modality role {role!r} is not valid: use a short identifier such as ct, mr, xray, t1 "
+            "('clinical' is reserved)."
+        )
+    return role
+
+
+def _modality(role: str, options: Any, default_encoder: str, encoders: tuple[str, ...]
+              ) -> ModalityOptions:
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise _err(f"Options of modality `{role}` must be a mapping (may be {{}}).")
+    unknown = sorted(set(options) - _MODALITY_KEYS)
+    if unknown:
+        raise _err(f"Unknown option(s) {unknown} for modality `{role}`; allowed: "
+                   f"{sorted(_MODALITY_KEYS)}.")
+    base = ROLE_DEFAULTS.get(role, _OTHER_ROLE_DEFAULT)
+    grid_raw = options.get("grid", base["grid"])
+    if (not isinstance(grid_raw, (list, tuple)) or len(grid_raw) != 3
+            or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 512
+                   for g in grid_raw)):
+        raise _err(
+            f"`modalities.{role}.grid` must be three integers in [1, 512], e.g. [48, 48, 48]."
+        )
+    grid = (int(grid_raw[0]), int(grid_raw[1]), int(grid_raw[2]))
+    if grid[0] < 8 or grid[1] < 8 or (grid[2] != 1 and grid[2] < 8):
+        raise _err(f"`modalities.{role}.grid` {list(grid)} is too small: use at least 8 per axis "
+                   "(depth 1 for a radiograph).")
+    spacing_raw = options.get("spacing")
+    spacing: tuple[float, float, float] | None = None
+    if spacing_raw is not None:
+        if not isinstance(spacing_raw, (list, tuple)) or len(spacing_raw) != 3:
+            raise _err(f"`modalities.{role}.spacing` must be three numbers (mm) or null.")
+        sp = [_float(s, f"modalities.{role}.spacing", 1e-3, 100.0) for s in spacing_raw]
+        spacing = (sp[0], sp[1], sp[2])
+    window_raw = options.get("ct_window", (-1000.0, 1000.0))
+    if not isinstance(window_raw, (list, tuple)) or len(window_raw) != 2:
+        raise _err(f"`modalities.{role}.ct_window` must be two numbers [low, high] in HU.")
+    lo = _float(window_raw[0], f"modalities.{role}.ct_window", -1e5, 1e5)
+    hi = _float(window_raw[1], f"modalities.{role}.ct_window", -1e5, 1e5)
+    if hi <= lo:
+        raise _err(f"`modalities.{role}.ct_window` needs low < high.")
+    return ModalityOptions(
+        encoder=_name(options.get("encoder", default_encoder), f"modalities.{role}.encoder",
+                      encoders),
+        grid=grid,
+        spacing=spacing,
+        normalization=_name(options.get("normalization", base["normalization"]),
+                            f"modalities.{role}.normalization", NORMALIZATIONS),
+        ct_window=(lo, hi),
+        fit=_name(options.get("fit", "resize"), f"modalities.{role}.fit", FITS),
+    )
+
+
+def _clinical(raw: Any) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _err("`clinical` must map manifest column names to {type: numeric|categorical}.")
+    out: dict[str, dict[str, Any]] = {}
+    for column, spec in raw.items():
+        if not isinstance(column, str) or not column.strip():
+            raise _err(f"Clinical column name {column!r} must be a non-empty string.")
+        if column in {"study_id", "label", "patient_id", "split"}:
+            raise _err(f"Clinical column `{column}` is a reserved manifest column.")
+        if spec is None:
+            spec = {}
+        if isinstance(spec, str):
+            spec = {"type": spec}
+        if not isinstance(spec, Mapping):
+            raise _err(f"`clinical.{column}` must be a mapping such as {{type: numeric}}.")
+        kind = spec.get("type", "numeric")
+        if kind not in ("numeric", "categorical"):
+            raise _err(f"`clinical.{column}.type` must be numeric or categorical, got {kind!r}.")
+        entry = dict(spec)
+        entry["type"] = kind
+        # Keep the entry JSON-plain: it is stored verbatim in the model card.
+        for key, value in entry.items():
+            if not isinstance(value, (str, int, float, bool, list, type(None))):
+                raise _err(f"`clinical.{column}.{key}` must be a plain value or list.")
+        out[column] = entry
+    _check_clinical_schema(out)
+    return out
+
+
+def _check_clinical_schema(schema: Mapping[str, Mapping[str, Any]]) -> None:
+    """Let the clinical schema (engineer B) validate extra keys (unit, range, levels)."""
+    if not schema:
+        return
+    try:
+        from medfusion.io.clinical import ClinicalSchema
+    except ImportError:  # pragma: no cover - io layer still being written
+        return
+    from medfusion.errors import MedfusionError
+
+    try:
+        ClinicalSchema.from_dict({k: dict(v) for k, v in schema.items()})
+    except MedfusionError as exc:
+        raise _err(f"`clinical` section rejected: {exc.message}") from None
+
+
+def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
+    """Read and validate a recipe from a YAML file path or an already-parsed mapping.
+
+    Raises :class:`RecipeError` (code ``RECIPE``) for unknown keys, python tags, unknown
+    component names, bad values, or a recipe with neither modalities nor clinical columns.
+    """
+    if isinstance(source, Recipe):
+        return source
+    data = _read_source(source)
+    unknown = sorted(str(k) for k in set(data) - _TOP_KEYS)
+    if unknown:
+        raise _err(f"Unknown recipe key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}.")
+    encoders, heads = registry_names()
+
+    labels_raw = data.get("labels")
+    if (not isinstance(labels_raw, list) or len(labels_raw) < 2
+            or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in labels_raw)):
+        raise _err("`labels` must be a list of at least two class names, e.g. [normal, abnormal].")
+    labels = tuple(str(x) for x in labels_raw)
+    if len(set(labels)) != len(labels) or any(not x.strip() for x in labels):
+        raise _err("`labels` must be distinct, non-empty class names.")
+
+    default_encoder = _name(data.get("encoder", "smallcnn"), "encoder", encoders)
+    mods_raw = data.get("modalities") or {}
+    if not isinstance(mods_raw, Mapping):
+        raise _err("`modalities` must map imaging roles to options, e.g. {ct: {}}.")
+    modalities = {
+        _role_name(role): _modality(role, opts, default_encoder, encoders)
+        for role, opts in mods_raw.items()
+    }
+    clinical = _clinical(data.get("clinical"))
+    if not modalities and not clinical:
+        raise _err("A recipe needs at least one imaging role under `modalities` or one "
+                   "column under `clinical`.")
+
+    val_fraction = _float(data.get("val_fraction", 0.15), "val_fraction", 0.05, 0.5)
+    test_fraction = _float(data.get("test_fraction", 0.15), "test_fraction", 0.0, 0.5)
+    if val_fraction + test_fraction > 0.7:
+        raise _err("`val_fraction + test_fraction` must leave at least 30% for training.")
+    max_minutes = data.get("max_minutes")
+    return Recipe(
+        labels=labels,
+        modalities=dict(sorted(modalities.items())),
+        clinical=clinical,
+        fusion=_name(data.get("fusion", "attention"), "fusion", heads),
+        encoder=default_encoder,
+        embed_dim=_int(data.get("embed_dim", 64), "embed_dim", 4, 1024),
+        dropout=_float(data.get("dropout", 0.2), "dropout", 0.0, 0.9),
+        modality_dropout=_float(data.get("modality_dropout", 0.2), "modality_dropout", 0.0, 0.9),
+        epochs=_int(data.get("epochs", 40), "epochs", 1, 10000),
+        batch_size=_int(data.get("batch_size", 16), "batch_size", 1, 4096),
+        learning_rate=_float(data.get("learning_rate", 2e-3), "learning_rate", 1e-7, 1.0),
+        weight_decay=_float(data.get("weight_decay", 1e-4), "weight_decay", 0.0, 1.0),
+        patience=_int(data.get("patience", 10), "patience", 1, 10000),
+        class_weighting=_bool(data.get("class_weighting", True), "class_weighting"),
+        augment=_bool(data.get("augment", True), "augment"),
+        ensemble=_int(data.get("ensemble", 1), "ensemble", 1, 20),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        max_minutes=None if max_minutes is None else _float(max_minutes, "max_minutes", 0.01, 1e5),
+        source=data,
+    )
