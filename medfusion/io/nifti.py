@@ -1,0 +1,396 @@
+"""NIfTI-1 / NIfTI-2 single-file images (``.nii``, ``.nii.gz``) to a validated :class:`Volume`.
+
+Reader contract (cases D1-D7, C5 of the reliability list):
+
+* **Format is sniffed, not guessed from the name** (D2): gzip is recognised by its magic
+  bytes, so a ``.nii.gz`` that is not compressed and a ``.nii`` that is both load.
+* **The header is checked before any pixel buffer exists** (D5): dimensions must be
+  positive, the rank at most 4 once trailing singleton axes are dropped, the data type a
+  plain integer or float, and the declared size within :func:`check_declared_size`'s cap.
+  An uncompressed file shorter than its header declares is refused from its size alone.
+* **Decompression is capped at the header-implied size** (D6): the stream is read in chunks
+  up to exactly the declared bytes, so a small header over a huge stream cannot exhaust
+  memory; more data than declared is reported (``TRAILING_DATA``), refused when strict.
+* **The whole stream is decompressed and checked at load time** (D1): a ``.nii.gz`` cut or
+  corrupted at its tail fails here with ``TRUNCATED`` / ``CORRUPT`` (CRC and length are
+  verified), never later inside a model.
+* **Affine policy** (D3): the sform when ``sform_code > 0``, else the qform when
+  ``qform_code > 0``, else nibabel's pixdim-only base affine (``NO_SPATIAL_TRANSFORM``,
+  refused when strict). When both codes are set and the two disagree the sform wins and a
+  ``QFORM_SFORM_MISMATCH`` finding records the largest difference.
+* **Sheared affines** (D4) are kept exactly and reported (``SHEARED_AFFINE``); strict refuses.
+* **4D** (D7) comes back as (I, J, K, T); 5D+ with more than one element beyond the fourth
+  axis is refused (``UNSUPPORTED_DIMENSIONS``). A 2D image comes back as (I, J, 1).
+* **NaN / Inf** voxels after scaling are refused (``INVALID_VALUES``, C5).
+
+Free-text header fields (``descrip``, ``aux_file``, ``db_name``) and extensions may hold
+patient data: they are never copied into ``meta``; ``descrip``/``intent_name`` are only
+scanned for a modality word (CT, MR, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from medfusion.errors import (
+    CorruptFileError,
+    GeometryError,
+    InvalidValuesError,
+    MedfusionError,
+    NoImagesError,
+    TruncatedError,
+    UnsupportedInputError,
+)
+from medfusion.io.keys import pseudonym
+from medfusion.io.limits import check_declared_size
+from medfusion.types import Finding, Volume
+
+__all__ = ["is_nifti_name", "load_nifti", "sniff_gzip"]
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 16 * 1024 * 1024
+# Extensions live between the header and vox_offset; anything beyond this is a broken header.
+_MAX_VOX_OFFSET = 64 * 1024 * 1024
+# qform is stored as float32 quaternions: allow their rounding, flag real disagreement.
+_QS_RTOL, _QS_ATOL_MM = 1e-4, 1e-3
+_SHEAR_TOL = 1e-4  # |cos| between axis directions beyond which the grid is sheared
+_MODALITY_WORDS = (
+    (re.compile(r"\bCT\b", re.I), "CT"),
+    (re.compile(r"\bMRI?\b", re.I), "MR"),
+    (re.compile(r"\bPET?\b", re.I), "PT"),
+    (re.compile(r"\b(DX|CR|X-?RAY|RADIOGRAPH)\b", re.I), "DX"),
+)
+
+
+def is_nifti_name(path: str | Path) -> bool:
+    """Whether a file name says NIfTI (``.nii`` or ``.nii.gz``, any case)."""
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def sniff_gzip(path: str | Path) -> bool:
+    """True when the file starts with the gzip magic bytes (whatever its extension says)."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == _GZIP_MAGIC
+
+
+def _open_stream(path: Path, compressed: bool) -> BinaryIO:
+    if not compressed:
+        return open(path, "rb")
+    try:  # isal's gunzip is about twice as fast as zlib's (design notes).
+        from isal import igzip
+
+        return igzip.open(path, "rb")  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - isal is a core dependency
+        import gzip
+
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+
+
+def _read_up_to(stream: BinaryIO, n: int, into: bytearray) -> None:
+    """Append at most ``n`` bytes from ``stream`` to ``into`` in bounded chunks, so memory
+    grows only with data that really exists (never a blind allocation of ``n``)."""
+    remaining = n
+    while remaining > 0:
+        chunk = stream.read(min(_CHUNK, remaining))
+        if not chunk:
+            return
+        into.extend(chunk)
+        remaining -= len(chunk)
+
+
+def _stream_error(exc: BaseException, what: str) -> MedfusionError:
+    """Map a decompression failure to a typed error (EOF: truncated; CRC/length: corrupt)."""
+    if isinstance(exc, EOFError):
+        return TruncatedError(
+            f"{what}: the gzip stream ends early (the file was cut, e.g. an interrupted copy "
+            "or download). Copy or export the file again."
+        )
+    return CorruptFileError(
+        f"{what}: the gzip stream is corrupt ({type(exc).__name__}: failed integrity check). "
+        "Copy or export the file again."
+    )
+
+
+def _parse_header(head: bytes, what: str) -> Any:
+    """nibabel's NIfTI-1 or NIfTI-2 header from the first bytes, endianness detected."""
+    import nibabel as nib
+
+    if len(head) < 348:
+        raise TruncatedError(f"{what}: the file ends inside the NIfTI header. Export it again.")
+    n1 = int.from_bytes(head[:4], "little")
+    n1_be = int.from_bytes(head[:4], "big")
+    if 348 in (n1, n1_be):
+        klass: Any = nib.Nifti1Header
+        size = 348
+    elif 540 in (n1, n1_be):
+        klass = nib.Nifti2Header
+        size = 540
+        if len(head) < 540:
+            raise TruncatedError(f"{what}: the file ends inside the NIfTI-2 header.")
+    else:
+        raise UnsupportedInputError(
+            f"{what} is not a NIfTI file (no NIfTI header). Give a .nii/.nii.gz image, a DICOM "
+            "file or a DICOM series folder.",
+            code="NOT_NIFTI",
+        )
+    try:
+        header = klass.from_fileobj(io.BytesIO(head[:size]), check=False)
+    except Exception as exc:  # nibabel raises several types for garbage headers
+        raise CorruptFileError(f"{what}: unreadable NIfTI header ({type(exc).__name__}).") from exc
+    magic = bytes(header["magic"]).rstrip(b"\x00")
+    if magic in (b"ni1", b"ni2"):
+        raise UnsupportedInputError(
+            f"{what} is a NIfTI .hdr/.img pair header; convert it to a single .nii file "
+            "(e.g. nibabel.save(nibabel.load('x.hdr'), 'x.nii')).",
+        )
+    if magic not in (b"n+1", b"n+2"):
+        raise UnsupportedInputError(
+            f"{what} has no NIfTI magic (an Analyze 7.5 file?); convert it to NIfTI.",
+            code="NOT_NIFTI",
+        )
+    return header
+
+
+def _declared_shape(header: Any, what: str) -> tuple[int, ...]:
+    """The data shape after checking rank and signs, trailing singleton axes dropped."""
+    dim = [int(d) for d in np.asarray(header["dim"]).tolist()]
+    ndim = dim[0]
+    if not 1 <= ndim <= 7:
+        raise CorruptFileError(
+            f"{what}: header dim[0] = {ndim} is not a rank 1..7 (byte-swapped or corrupt "
+            "header). Export the image again."
+        )
+    shape = dim[1 : 1 + ndim]
+    if any(d <= 0 for d in shape):
+        raise CorruptFileError(
+            f"{what}: header declares a non-positive dimension {tuple(shape)}; the header is "
+            "corrupt. Export the image again."
+        )
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) > 4:
+        raise UnsupportedInputError(
+            f"{what}: a {len(shape)}D image {tuple(shape)} (e.g. vector or multi-echo "
+            "components) is not supported; split it into 3D or 4D (x, y, z, t) files.",
+            code="UNSUPPORTED_DIMENSIONS",
+        )
+    if len(shape) == 1:
+        raise UnsupportedInputError(
+            f"{what}: a 1D NIfTI is not an image; give a 2D, 3D or 4D file.",
+            code="UNSUPPORTED_DIMENSIONS",
+        )
+    while len(shape) < 3:
+        shape.append(1)
+    return tuple(shape)
+
+
+def _data_dtype(header: Any, what: str) -> np.dtype:
+    try:
+        dtype = np.dtype(header.get_data_dtype())
+    except Exception as exc:
+        raise CorruptFileError(f"{what}: unknown NIfTI datatype code.") from exc
+    if dtype.fields is not None or dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise UnsupportedInputError(
+            f"{what}: data type {dtype} (complex, RGB or structured) is not supported; "
+            "store one scalar channel per file (integer or float).",
+            code="UNSUPPORTED_DATATYPE",
+        )
+    return dtype
+
+
+def _choose_affine(
+    header: Any, what: str, strict: bool
+) -> tuple[np.ndarray, str, list[Finding]]:
+    """Apply the qform/sform policy of the module docstring; return affine, source, findings."""
+    findings: list[Finding] = []
+    sform_code = int(header["sform_code"])
+    qform_code = int(header["qform_code"])
+    with np.errstate(all="ignore"):
+        qform = header.get_qform() if qform_code > 0 else None
+        sform = header.get_sform() if sform_code > 0 else None
+    if sform is not None:
+        affine, source = sform, "sform"
+        if qform is not None and not np.allclose(qform, sform, rtol=_QS_RTOL, atol=_QS_ATOL_MM):
+            diff = float(np.nanmax(np.abs(qform - sform)))
+            findings.append(
+                Finding(
+                    "QFORM_SFORM_MISMATCH",
+                    "qform and sform disagree; the sform (sform_code > 0) was used, as the "
+                    "NIfTI standard and nibabel do. Check which one your pipeline wrote.",
+                    {"max_abs_difference": round(diff, 6), "qform_code": qform_code,
+                     "sform_code": sform_code},
+                )
+            )
+    elif qform is not None:
+        affine, source = qform, "qform"
+    else:
+        if strict:
+            raise GeometryError(
+                f"{what}: qform_code and sform_code are both 0, so the orientation is "
+                "unknown. Re-export the image with its scanner geometry.",
+                code="NO_SPATIAL_TRANSFORM",
+            )
+        affine, source = header.get_base_affine(), "base"
+        findings.append(
+            Finding(
+                "NO_SPATIAL_TRANSFORM",
+                "qform_code and sform_code are both 0: orientation unknown, a pixdim-only "
+                "affine was used. Do not combine this image with others in world space.",
+            )
+        )
+    affine = np.asarray(affine, dtype=np.float64)
+    rot = affine[:3, :3]
+    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(rot))) < 1e-12:
+        raise GeometryError(
+            f"{what}: the {source} affine is singular or not finite (a zero voxel size?). "
+            "Re-export the image with valid geometry."
+        )
+    norms = np.linalg.norm(rot, axis=0)
+    cosines = (rot / norms).T @ (rot / norms)
+    shear = float(np.max(np.abs(cosines - np.eye(3))))
+    if shear > _SHEAR_TOL:
+        if strict:
+            raise GeometryError(
+                f"{what}: the affine is sheared (voxel axes not orthogonal); strict mode "
+                "refuses it. Resample it to an orthogonal grid, or load without strict.",
+                code="SHEARED_AFFINE",
+            )
+        findings.append(
+            Finding(
+                "SHEARED_AFFINE",
+                "the affine is sheared (voxel axes not orthogonal, e.g. a gantry tilt kept as "
+                "stacked); kept exactly, spacing is the length of each axis.",
+                {"max_axis_cosine": round(shear, 6)},
+            )
+        )
+    return affine, source, findings
+
+
+def _modality(header: Any) -> str:
+    text = " ".join(
+        bytes(header[field]).split(b"\x00")[0].decode("latin-1", "replace")
+        for field in ("descrip", "intent_name")
+    )
+    for pattern, modality in _MODALITY_WORDS:
+        if pattern.search(text):
+            return modality
+    return "unknown"
+
+
+def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
+    """Load a ``.nii`` / ``.nii.gz`` file as a float32 :class:`Volume` in RAS+ mm.
+
+    See the module docstring for what is checked, reported (``issues``) and refused. Raises
+    only :class:`~medfusion.errors.MedfusionError` subclasses on bad input; messages name the
+    file by a pseudonym, never by its (possibly identifying) name.
+    """
+    p = Path(path)
+    what = f"NIfTI file {pseudonym(str(p.absolute()), prefix='file-')}"
+    if not p.is_file():
+        raise NoImagesError(f"{what} does not exist or is not a file; check the path.")
+    try:
+        compressed = sniff_gzip(p)
+        file_size = p.stat().st_size
+        findings: list[Finding] = []
+        buf = bytearray()
+        with _open_stream(p, compressed) as stream:
+            try:
+                _read_up_to(stream, 540, buf)
+                header = _parse_header(bytes(buf), what)
+                shape = _declared_shape(header, what)
+                dtype = _data_dtype(header, what)
+                check_declared_size(shape, dtype.itemsize, what)
+                offset = int(float(header["vox_offset"]))
+                hdr_size = int(header["sizeof_hdr"])
+                if not hdr_size <= offset <= _MAX_VOX_OFFSET:
+                    raise CorruptFileError(
+                        f"{what}: implausible vox_offset {offset}; the header is corrupt."
+                    )
+                need = offset + math.prod(shape) * dtype.itemsize
+                if not compressed and file_size < need:
+                    raise TruncatedError(
+                        f"{what}: the header declares {need} bytes but the file has "
+                        f"{file_size} (cut short, or dims byte-swapped). Export it again."
+                    )
+                if len(buf) > need:
+                    del buf[need:]
+                _read_up_to(stream, need - len(buf), buf)
+                if len(buf) < need:
+                    raise TruncatedError(
+                        f"{what}: the data ends after {len(buf)} of {need} declared bytes. "
+                        "Copy or export the file again."
+                    )
+                # Reading one byte more verifies the gzip CRC and length at the end of the
+                # stream (tail corruption, D1) without decompressing past the cap (D6).
+                extra = stream.read(1) if compressed else b""
+            except (EOFError, OSError) as exc:
+                raise _stream_error(exc, what) from exc
+            except Exception as exc:
+                if isinstance(exc, MedfusionError):
+                    raise
+                # zlib/isal raise their own error types for a damaged deflate stream.
+                raise _stream_error(exc, what) from exc
+    except OSError as exc:
+        raise UnsupportedInputError(
+            f"{what} cannot be read ({type(exc).__name__}); check its permissions.",
+            code="UNREADABLE",
+        ) from exc
+    if extra:
+        if strict:
+            raise CorruptFileError(
+                f"{what}: the gzip stream holds more data than the header declares; strict "
+                "mode refuses it. Re-export the image."
+            )
+        findings.append(
+            Finding(
+                "TRAILING_DATA",
+                "the gzip stream holds more data than the header declares; only the declared "
+                "image was read (the rest was not decompressed).",
+            )
+        )
+
+    affine, source, geo_findings = _choose_affine(header, what, strict)
+    findings.extend(geo_findings)
+    raw = np.ndarray(shape, dtype=dtype, buffer=buf, offset=offset, order="F")
+    slope, inter = header.get_slope_inter()
+    with np.errstate(all="ignore"):
+        array = np.asarray(raw, dtype=np.float32, order="C")
+        if slope is not None and slope != 1.0:
+            array *= np.float32(slope)
+        if inter is not None and inter != 0.0:
+            array += np.float32(inter)
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise InvalidValuesError(
+            f"{what}: {bad} voxel(s) are NaN or infinite after scaling. Fill or mask them "
+            "(e.g. numpy.nan_to_num) and save again; medfusion never passes NaN to a model."
+        )
+
+    pixdim = np.asarray(header["pixdim"], dtype=np.float64)
+    meta: dict[str, Any] = {
+        "format": "NIfTI-2" if int(header["sizeof_hdr"]) == 540 else "NIfTI-1",
+        "compressed": bool(compressed),
+        "stored_dtype": str(dtype.newbyteorder("=")),
+        "affine_source": source,
+        "qform_code": int(header["qform_code"]),
+        "sform_code": int(header["sform_code"]),
+    }
+    if len(shape) == 4:
+        meta["n_timepoints"] = int(shape[3])
+        meta["time_step"] = float(pixdim[4])
+        meta["time_unit"] = str(header.get_xyzt_units()[1])
+    return Volume(
+        array=array,
+        affine=affine,
+        modality=_modality(header),
+        meta=meta,
+        issues=tuple(findings),
+    )
