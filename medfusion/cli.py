@@ -63,6 +63,51 @@ def demo(
     raise typer.Exit(code=code)
 
 
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (labels, modalities, clinical, fusion)."),
+    manifest: Path = typer.Option(..., "--manifest", help="Manifest CSV (study_id, label, ...)."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write (model.json + weights)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same model)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train a fusion model from a recipe and a manifest into a model package."""
+    from medfusion.training.trainer import train as train_model
+
+    try:
+        path = train_model(recipe, manifest, out, seed=seed, progress=not quiet)
+    except MedfusionError as error:
+        _fail(error)
+        return
+    card = json.loads((path / "model.json").read_text(encoding="utf-8"))
+    metrics = {split: {k: v for k, v in m.items() if k in ("n", "auroc", "accuracy")}
+               for split, m in card.get("metrics", {}).items()}
+    console.print(f"model written to {path}  metrics: {json.dumps(metrics)}")
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="A model folder written by `medfusion train`."),
+    manifest: Path = typer.Option(..., "--manifest", help="Manifest CSV of studies to score."),
+    out: Path = typer.Option(..., "--out", help="Predictions CSV to write."),
+    alpha: float = typer.Option(0.1, "--alpha", help="Conformal error rate for prediction sets."),
+    explain: bool = typer.Option(False, "--explain", help="Also compute explanations."),
+    saliency_dir: Optional[Path] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--saliency-dir", help="With --explain: write saliency maps here."
+    ),
+) -> None:
+    """Score every study of a manifest: study_id, predicted, prob_<label>, weight_<role>."""
+    from medfusion.models.fusion_model import predict_manifest
+
+    try:
+        path = predict_manifest(model_dir, manifest, out, explain=explain,
+                                saliency_dir=saliency_dir, alpha=alpha)
+    except MedfusionError as error:
+        _fail(error)
+        return
+    console.print(f"predictions written to {path}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # noqa: UP045 - typer needs Optional
     app(args=argv)
 
