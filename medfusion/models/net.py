@@ -1,0 +1,381 @@
+"""FusionNet: one encoder per imaging role, an MLP for the clinical record, a fusion head.
+
+Data flow (B = batch, M = number of modalities, E = ``embed_dim``)::
+
+    images[role] (B, 1, I, J, K) --encoder[role]--> LayerNorm --> v_role (B, E)
+    clinical (B, n_clinical)     --MLP-----------> LayerNorm --> v_clinical (B, E)
+    stack -> embeddings (B, M, E) --head(embeddings, present)--> logits (B, n_classes)
+
+``modalities`` is the sorted imaging roles, then ``"clinical"`` when ``n_clinical > 0``;
+``present`` (B, M) bool follows that order. An encoder only ever sees the samples in which
+its modality is present: absent inputs may be anything (zeros) and are never read, and their
+embedding is zero. ``forward == head(encode(...), present)`` in eval mode; in training mode
+``forward`` first applies modality dropout (never dropping every modality of a sample).
+
+The per-modality LayerNorm puts every modality's embedding on a common scale, which the
+attention scores, the gates and the kernel SVM all compare across modalities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfusion.errors import InvalidValuesError, ModalityMismatchError, RecipeError
+from medfusion.models.registry import (
+    DEFAULT_ENCODER,
+    DEFAULT_FUSION,
+    ENCODERS,
+    FUSION_HEADS,
+    MIN_GRID,
+    build_encoder,
+    get_fusion_head,
+)
+
+CLINICAL = "clinical"
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm(module: nn.Module) -> Iterator[None]:
+    """Temporarily put every BatchNorm of ``module`` in eval mode."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    states = [m.training for m in bns]
+    try:
+        for m in bns:
+            m.eval()
+        yield
+    finally:
+        for m, state in zip(bns, states, strict=True):
+            m.train(state)
+
+
+@dataclass(frozen=True)
+class RoleNetConfig:
+    """How one imaging role is encoded: encoder name, 2D/3D, and the input grid (I, J, K).
+
+    An X-ray role has ``spatial_dims=2`` and ``grid=(I, J, 1)``.
+    """
+
+    encoder: str = DEFAULT_ENCODER
+    spatial_dims: int = 3
+    grid: tuple[int, int, int] = (32, 32, 32)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise RecipeError(
+                f"unknown encoder {self.encoder!r}; choose one of: {', '.join(sorted(ENCODERS))}"
+            )
+        if self.spatial_dims not in (2, 3):
+            raise RecipeError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        try:
+            grid = tuple(int(g) for g in self.grid)
+        except (TypeError, ValueError):
+            raise RecipeError(f"grid must be three positive integers, got {self.grid!r}") from None
+        if len(grid) != 3 or min(grid) < 1:
+            raise RecipeError(f"grid must be three positive integers, got {self.grid!r}")
+        if self.spatial_dims == 2 and grid[2] != 1:
+            raise RecipeError(f"a 2D (X-ray) role needs a grid of depth 1, got {grid}")
+        low = MIN_GRID[self.encoder]
+        if min(grid[: self.spatial_dims]) < low:
+            raise RecipeError(
+                f"encoder {self.encoder!r} needs a grid of at least {low} per axis, got {grid}"
+            )
+        object.__setattr__(self, "grid", grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "spatial_dims": self.spatial_dims, "grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RoleNetConfig:
+        return cls(
+            encoder=str(d.get("encoder", DEFAULT_ENCODER)),
+            spatial_dims=int(d.get("spatial_dims", 3)),
+            grid=tuple(d.get("grid", (32, 32, 32))),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetConfig:
+    """Everything needed to rebuild a :class:`FusionNet` (stored in the model card)."""
+
+    roles: Mapping[str, RoleNetConfig] = field(default_factory=dict)
+    n_clinical: int = 0
+    n_classes: int
+    fusion: str = DEFAULT_FUSION
+    embed_dim: int = 64
+    dropout: float = 0.2
+    modality_dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        roles = {}
+        for name, cfg in dict(self.roles).items():
+            if not isinstance(name, str) or not name or name == CLINICAL:
+                raise RecipeError(
+                    f"imaging role names must be non-empty and not {CLINICAL!r}, got {name!r}"
+                )
+            roles[name] = cfg if isinstance(cfg, RoleNetConfig) else RoleNetConfig.from_dict(cfg)
+        object.__setattr__(self, "roles", dict(sorted(roles.items())))
+        if int(self.n_clinical) < 0:
+            raise RecipeError(f"n_clinical must be >= 0, got {self.n_clinical}")
+        if not roles and int(self.n_clinical) == 0:
+            raise RecipeError("a model needs at least one imaging role or clinical features")
+        if int(self.n_classes) < 2:
+            raise RecipeError(f"n_classes must be at least 2, got {self.n_classes}")
+        if self.fusion not in FUSION_HEADS:
+            raise RecipeError(
+                f"unknown fusion {self.fusion!r}; choose one of: {', '.join(sorted(FUSION_HEADS))}"
+            )
+        if int(self.embed_dim) < 2:
+            raise RecipeError(f"embed_dim must be at least 2, got {self.embed_dim}")
+        for key in ("dropout", "modality_dropout"):
+            value = float(getattr(self, key))
+            if not 0.0 <= value < 1.0:
+                raise RecipeError(f"{key} must be in [0, 1), got {value}")
+
+    @property
+    def modalities(self) -> list[str]:
+        """Imaging roles in sorted order, then ``"clinical"`` when there are clinical features."""
+        return [*self.roles, *([CLINICAL] if self.n_clinical > 0 else [])]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["roles"] = {k: v.to_dict() for k, v in self.roles.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NetConfig:
+        if not isinstance(d, Mapping):
+            raise RecipeError(f"a network config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RecipeError(f"unknown network config keys {unknown}; known: {sorted(known)}")
+        if "n_classes" not in d:
+            raise RecipeError("network config lacks n_classes")
+        roles = d.get("roles", {}) or {}
+        if not isinstance(roles, Mapping):
+            raise RecipeError("network config 'roles' must map role names to settings")
+        return cls(
+            roles={str(k): RoleNetConfig.from_dict(v) for k, v in roles.items()},
+            n_clinical=int(d.get("n_clinical", 0)),
+            n_classes=int(d["n_classes"]),
+            fusion=str(d.get("fusion", DEFAULT_FUSION)),
+            embed_dim=int(d.get("embed_dim", 64)),
+            dropout=float(d.get("dropout", 0.2)),
+            modality_dropout=float(d.get("modality_dropout", 0.2)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> NetConfig:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class FusionOutput:
+    """``logits`` (B, n_classes); ``weights`` (B, M) attention alphas or gates, else None;
+    ``embeddings`` (B, M, E) with zeros for absent modalities."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor | None
+    embeddings: torch.Tensor
+
+
+class FusionNet(nn.Module):
+    """The multimodal network described in the module docstring."""
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.modalities: list[str] = config.modalities
+        e = config.embed_dim
+        self.encoders = nn.ModuleDict(
+            {
+                role: build_encoder(
+                    rc.encoder, spatial_dims=rc.spatial_dims, in_channels=1, embed_dim=e
+                )
+                for role, rc in config.roles.items()
+            }
+        )
+        self.clinical_encoder: nn.Module | None = None
+        if config.n_clinical > 0:
+            hidden = max(32, e)
+            self.clinical_encoder = nn.Sequential(
+                nn.Linear(config.n_clinical, hidden), nn.ReLU(), nn.Linear(hidden, e)
+            )
+        self.norms = nn.ModuleDict({m: nn.LayerNorm(e) for m in self.modalities})
+        self.fusion_head = get_fusion_head(config.fusion)(
+            len(self.modalities), e, config.n_classes, config.dropout
+        )
+
+    # -- parameters ------------------------------------------------------------------------
+    def head_parameters(self):  # noqa: ANN201 - an iterator of Parameters
+        """Parameters of the fusion head (where all dropout lives)."""
+        return self.fusion_head.parameters()
+
+    def encoder_parameters(self):  # noqa: ANN201
+        """Parameters of the encoders and per-modality norms (everything but the head)."""
+        head = {id(p) for p in self.fusion_head.parameters()}
+        return (p for p in self.parameters() if id(p) not in head)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def infer_present(
+        self, images: Mapping[str, torch.Tensor | None], clinical: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A presence mask with every given input present (a role's tensor, the clinical
+        tensor), for callers whose batches hold complete studies."""
+        batch = None
+        for x in [*images.values(), clinical]:
+            if x is not None:
+                batch = int(x.shape[0])
+                break
+        if batch is None:
+            raise ModalityMismatchError("no inputs given: pass at least one modality")
+        cols = [images.get(r) is not None for r in self.config.roles]
+        if self.config.n_clinical > 0:
+            cols.append(clinical is not None)
+        return torch.tensor(cols, dtype=torch.bool).unsqueeze(0).expand(batch, -1).clone()
+
+    def _check_present(self, present: torch.Tensor) -> torch.Tensor:
+        present = torch.as_tensor(present)
+        m = len(self.modalities)
+        if present.ndim != 2 or present.shape[1] != m:
+            raise ModalityMismatchError(
+                f"present must be (batch, {m}) for modalities {self.modalities}, "
+                f"got {tuple(present.shape)}"
+            )
+        present = present.to(torch.bool)
+        if not bool(present.any(dim=1).all()):
+            raise ModalityMismatchError(
+                f"a study has none of the modalities {self.modalities}; at least one is needed"
+            )
+        return present
+
+    def dummy_inputs(
+        self, batch_size: int = 1
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """Zero inputs of the right shapes with every modality present (for tests, tracing)."""
+        images = {
+            r: torch.zeros(batch_size, 1, *rc.grid) for r, rc in self.config.roles.items()
+        }
+        clinical = (
+            torch.zeros(batch_size, self.config.n_clinical) if self.config.n_clinical else None
+        )
+        present = torch.ones(batch_size, len(self.modalities), dtype=torch.bool)
+        return images, clinical, present
+
+    # -- modality dropout ------------------------------------------------------------------
+    def drop_modalities(self, present: torch.Tensor) -> torch.Tensor:
+        """Training-time modality dropout: hide each present modality with probability
+        ``modality_dropout``, keeping at least one per sample (uses torch's global RNG, so
+        it follows ``torch.manual_seed``). Identity in eval mode."""
+        p = self.config.modality_dropout
+        if not self.training or p <= 0.0 or present.shape[1] < 2:
+            return present
+        keep = (torch.rand(present.shape) >= p) & present
+        empty = ~keep.any(dim=1)
+        if bool(empty.any()):
+            # Re-admit one present modality, chosen at random, in every emptied sample.
+            scores = torch.rand(present.shape).masked_fill(~present, -1.0)
+            choice = scores.argmax(dim=1)
+            rows = torch.nonzero(empty).squeeze(1)
+            keep[rows, choice[rows]] = True
+        return keep
+
+    # -- the network -----------------------------------------------------------------------
+    def encode(
+        self,
+        images: Mapping[str, torch.Tensor | None],
+        clinical: torch.Tensor | None,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
+        """Embeddings (B, M, E); rows of absent modalities are zero and their inputs unread."""
+        present = self._check_present(present)
+        batch = present.shape[0]
+        cols: list[torch.Tensor] = []
+        for i, (role, rc) in enumerate(self.config.roles.items()):
+            idx = torch.nonzero(present[:, i]).squeeze(1)
+            x = images.get(role)
+            expected = (batch, 1, *rc.grid)
+            if idx.numel() > 0:
+                if x is None:
+                    raise ModalityMismatchError(
+                        f"modality {role!r} is marked present but no image was given"
+                    )
+                if tuple(x.shape) != expected:
+                    raise ModalityMismatchError(
+                        f"modality {role!r} must be shaped {expected} (batch, channel, grid), "
+                        f"got {tuple(x.shape)}: preprocess it to the model's grid"
+                    )
+            cols.append(self._encode_part(role, self.encoders[role], x, idx, batch))
+        if self.clinical_encoder is not None:
+            idx = torch.nonzero(present[:, -1]).squeeze(1)
+            if idx.numel() > 0:
+                expected_c = (batch, self.config.n_clinical)
+                if clinical is None or tuple(clinical.shape) != expected_c:
+                    got = None if clinical is None else tuple(clinical.shape)
+                    raise ModalityMismatchError(
+                        f"clinical features must be shaped {expected_c}, got {got}"
+                    )
+            cols.append(self._encode_part(CLINICAL, self.clinical_encoder, clinical, idx, batch))
+        return torch.stack(cols, dim=1)
+
+    def _encode_part(
+        self,
+        name: str,
+        encoder: nn.Module,
+        x: torch.Tensor | None,
+        idx: torch.Tensor,
+        batch: int,
+    ) -> torch.Tensor:
+        e = self.config.embed_dim
+        dtype = next(self.norms[name].parameters()).dtype
+        device = next(self.norms[name].parameters()).device
+        out = torch.zeros(batch, e, dtype=dtype, device=device)
+        if idx.numel() == 0 or x is None:
+            return out
+        sel = x if idx.numel() == batch else x.index_select(0, idx.to(x.device))
+        sel = sel.to(dtype=dtype, device=device)
+        if not bool(torch.isfinite(sel).all()):
+            raise InvalidValuesError(
+                f"modality {name!r} contains NaN or Inf values; fix or fill them before predicting"
+            )
+        if self.training and sel.shape[0] == 1:
+            # One sample gives BatchNorm no batch statistics (and fails on a 1-voxel map):
+            # use the running statistics for it, leaving them unchanged.
+            with _frozen_batchnorm(encoder):
+                h = encoder(sel)
+        else:
+            h = encoder(sel)
+        v = self.norms[name](h)
+        if idx.numel() == batch:
+            return v
+        return out.index_copy(0, idx.to(device), v)
+
+    def head(self, embeddings: torch.Tensor, present: torch.Tensor) -> FusionOutput:
+        """Fuse embeddings (B, M, E) of the present modalities into logits."""
+        present = self._check_present(present).to(embeddings.device)
+        logits, weights = self.fusion_head(embeddings, present)
+        return FusionOutput(logits=logits, weights=weights, embeddings=embeddings)
+
+    def forward(
+        self,
+        images: Mapping[str, torch.Tensor | None],
+        clinical: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        """``head(encode(images, clinical, present), present)``, after modality dropout in
+        training mode. ``present=None`` means every given input is present."""
+        if present is None:
+            present = self.infer_present(images, clinical)
+        present = self.drop_modalities(self._check_present(present))
+        return self.head(self.encode(images, clinical, present), present)
