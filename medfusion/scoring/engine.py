@@ -1,0 +1,578 @@
+"""``score_folder``: a folder of studies in, one row per study out (``medfusion score``).
+
+The run, in order:
+
+1. fatal checks before anything is scored (exit 1): options, the model package, the
+   clinical table, discovery of the studies, the output folder (writable, empty unless
+   ``resume``, same configuration as the interrupted run when resuming);
+2. the studies still missing from the journal are prepared by a preparer (inline, local
+   worker processes or Ray tasks; bounded in flight) while the parent runs inference on
+   what is ready, one study at a time with a per-study seed;
+3. each finished study (a scored row or a failure row) is appended to the journal and
+   fsync'ed; scores.csv / failures.csv / run.json are rebuilt from it atomically every few
+   seconds and at the end.
+
+Exit code: 0 every study scored, 2 some failed (see failures.csv), 1 fatal (raised as a
+:class:`~medfusion.errors.MedfusionError` before scoring; the CLI maps it to 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medfusion.errors import MedfusionError, OutputError
+from medfusion.io.keys import pseudonym
+from medfusion.scoring import outputs as O
+from medfusion.scoring.discovery import Discovery, StudyRef, discover_studies
+from medfusion.scoring.pool import InlinePreparer, LocalPool, ScorerFactory
+from medfusion.scoring.scorer import Scorer, failure, load_fusion_scorer
+from medfusion.types import Prediction
+
+log = logging.getLogger("medfusion.scoring")
+
+REBUILD_EVERY_S = 10.0  # snapshots of the CSVs while running; the journal is the truth
+ENGINES = ("local", "ray")
+FLAG_NO_CLINICAL = "no_clinical_record"
+
+
+@dataclass
+class RunSummary:
+    """What a run did. ``exit_code`` is what ``medfusion score`` exits with."""
+
+    out_dir: str
+    n_studies: int
+    n_scored: int
+    n_failed: int
+    n_resumed: int
+    n_skipped_files: int
+    n_unsafe_links: int
+    elapsed_s: float
+    studies_per_s: float
+    exit_code: int
+    failure_codes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _bad_option(message: str) -> MedfusionError:
+    return MedfusionError(message, code="BAD_OPTION")
+
+
+def _check_options(
+    workers: int,
+    alpha: float,
+    engine: str,
+    time_budget_s: float | None,
+    memory_budget_mb: float | None,
+) -> None:
+    if not isinstance(workers, int) or workers < 0:
+        raise _bad_option("--workers must be 0 (inline) or a positive number of processes")
+    if not 0.0 < float(alpha) < 1.0:
+        raise _bad_option("--alpha must be between 0 and 1 (e.g. 0.1 for 90% coverage)")
+    if engine not in ENGINES:
+        raise _bad_option(f"--engine must be one of {', '.join(ENGINES)}")
+    for name, value in (("time budget", time_budget_s), ("memory budget", memory_budget_mb)):
+        if value is not None and float(value) <= 0:
+            raise _bad_option(f"the {name} must be positive")
+
+
+def study_seed(seed: int, study_id: str) -> int:
+    """A per-study seed: the same study gets the same randomness whatever the order in
+    which studies finish (so any worker count gives the same bytes)."""
+    digest = hashlib.sha256(f"{int(seed)}:{study_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def _seed_everything(value: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _file_sha256(path: str | os.PathLike[str]) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    import medfusion
+
+    out = {"medfusion": medfusion.__version__, "python": platform.python_version()}
+    for dist in ("torch", "monai", "numpy", "pydicom", "nibabel", "SimpleITK", "scikit-learn",
+                 "scipy", "safetensors", "ray"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def safe_command_line(argv: Sequence[str]) -> list[str]:
+    """The command line with every path-like argument replaced by a pseudonym: paths can
+    hold patient or site names (G2); options and numbers stay readable."""
+    out = []
+    for token in argv:
+        value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else token
+        looks_like_path = os.sep in value or os.path.exists(value)
+        if token.startswith("-") and "=" not in token:
+            out.append(token)
+        elif looks_like_path:
+            prefix = token.split("=", 1)[0] + "=" if token.startswith("--") else ""
+            out.append(prefix + pseudonym(os.path.abspath(value), prefix="path-"))
+        else:
+            out.append(token)
+    if out:
+        out[0] = os.path.basename(argv[0]) if argv[0] and "medfusion" in argv[0] else out[0]
+    return out
+
+
+def _join(values: Sequence[str] | None) -> str:
+    return "" if values is None else "|".join(str(v) for v in values)
+
+
+def _bool(value: bool | None) -> str:
+    return "" if value is None else ("true" if value else "false")
+
+
+def prediction_row(
+    study_id: str,
+    pred: Prediction,
+    labels: Sequence[str],
+    modalities: Sequence[str],
+    extra_flags: Sequence[str],
+    saliency: Mapping[str, str] | None,
+) -> dict[str, str]:
+    """One scores.csv row, every value already formatted (fixed floats, '|' lists)."""
+    row: dict[str, str] = {"study_id": study_id, "status": "scored", "predicted": pred.predicted}
+    for label in labels:
+        row[f"prob_{label}"] = O.fmt_float(pred.probabilities.get(label))
+    for label in labels:
+        row[f"raw_prob_{label}"] = O.fmt_float(pred.raw_probabilities.get(label))
+    row["entropy"] = O.fmt_float(pred.entropy)
+    row["mutual_info"] = O.fmt_float(pred.mutual_info)
+    if pred.prediction_set is None:
+        row["prediction_set"] = ""
+    else:  # in the model's label order, never in set-iteration order
+        row["prediction_set"] = _join([x for x in labels if x in set(pred.prediction_set)])
+    row["abstain"] = _bool(pred.abstain)
+    row["modalities_used"] = _join(pred.modalities_used)
+    weights = pred.modality_weights or {}
+    for name in modalities:
+        row[f"weight_{name}"] = O.fmt_float(weights.get(name))
+    row["flags"] = _join(sorted({*pred.flags, *extra_flags}))
+    for role, path in (saliency or {}).items():
+        row[f"saliency_{role}"] = path
+    return row
+
+
+def _write_saliency_fallback(explanation: Any, folder: Path) -> dict[str, str]:
+    """Temporary writer until medfusion.explain.write_explanation lands: NIfTI (nibabel,
+    empty description) + a PNG of the middle slice per role."""
+    import nibabel as nib
+    import numpy as np
+
+    written = {}
+    for role, volume in sorted(explanation.saliency.items()):
+        name = O.safe_component(str(role), prefix="r-")
+        array = np.asarray(volume.array, dtype=np.float32)
+        image = nib.Nifti1Image(array, np.asarray(volume.affine, dtype=np.float64))
+        nib.save(image, folder / f"{name}.nii.gz")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        mid = array[:, :, array.shape[2] // 2] if array.ndim >= 3 else array
+        plt.imsave(folder / f"{name}.png", np.rot90(np.squeeze(mid)), cmap="inferno",
+                   vmin=0.0, vmax=1.0)
+        written[str(role)] = f"{name}.nii.gz"
+    return written
+
+
+def write_saliency(out: Path, study_id: str, key: str, explanation: Any) -> dict[str, str]:
+    """Write one study's saliency to ``OUT/saliency/<study_id>/`` in one atomic rename.
+
+    Paths come only from the study id (or its pseudonym when the id is not a plain name)
+    and role names (F4); the target is checked to stay under OUT. Returns role -> path
+    relative to OUT."""
+    if explanation is None or not getattr(explanation, "saliency", None):
+        return {}
+    sal_root = out / O.SALIENCY
+    sal_root.mkdir(exist_ok=True)
+    folder_name = O.safe_component(study_id, prefix="st-")
+    final = O.path_under(sal_root, folder_name)
+    tmp = O.path_under(sal_root, f".tmp-{key}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        from medfusion.explain import write_explanation  # engineer E's writer
+    except ImportError:
+        write_explanation = None
+    if write_explanation is not None:
+        result = write_explanation(explanation, tmp, key)
+        written = {}
+        for role in sorted(explanation.saliency):
+            name = O.safe_component(str(role), prefix="r-")
+            candidates = sorted(tmp.rglob(f"{name}.nii.gz"))
+            if candidates:
+                written[str(role)] = candidates[0].relative_to(tmp).as_posix()
+        del result
+    else:
+        written = _write_saliency_fallback(explanation, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return {role: f"{O.SALIENCY}/{folder_name}/{rel}" for role, rel in written.items()}
+
+
+# --------------------------------------------------------------------------------------
+# progress (PHI-free: counts, rate and ETA only)
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled = enabled
+        self.failed = 0
+        self._progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("scoring", total=total, completed=done, failed=0,
+                                             rate="")
+        self._start = time.monotonic()
+        self._count = 0
+
+    def advance(self, failed: bool) -> None:
+        if self._progress is None:
+            return
+        self.failed += int(failed)
+        self._count += 1
+        rate = self._count / max(1e-9, time.monotonic() - self._start)
+        self._progress.update(self._task, advance=1, failed=self.failed,
+                              rate=f"{rate:.2f} studies/s")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# --------------------------------------------------------------------------------------
+# the run
+
+
+def _read_clinical(path: str | os.PathLike[str], scorer: Scorer) -> dict[str, dict[str, Any]]:
+    """Clinical rows keyed by ``study_id`` (engineer B's reader, with the model's schema)."""
+    from medfusion.io.clinical import read_clinical_csv
+
+    schema = getattr(scorer, "clinical_schema", None)
+    table = read_clinical_csv(path, schema=schema, id_column="study_id")
+    if isinstance(table, Mapping):
+        return {str(k): dict(v) if v is not None else {} for k, v in table.items()}
+    records = getattr(table, "records", None)
+    if isinstance(records, Mapping):
+        return {str(k): dict(v) for k, v in records.items()}
+    raise MedfusionError("unexpected clinical table type", code="INTERNAL")
+
+
+def _make_preparer(
+    engine: str,
+    workers: int,
+    model_dir: str,
+    scorer: Scorer,
+    factory: ScorerFactory,
+    ray_address: str | None,
+    time_budget_s: float | None,
+    memory_budget_mb: float | None,
+) -> Any:
+    if engine == "ray":
+        from medfusion.scoring.ray_engine import RayPreparer
+
+        return RayPreparer(max(1, workers), model_dir, factory=factory, ray_address=ray_address,
+                           time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb)
+    if workers == 0:
+        return InlinePreparer(scorer, time_budget_s=time_budget_s,
+                              memory_budget_mb=memory_budget_mb)
+    return LocalPool(workers, model_dir, factory=factory, time_budget_s=time_budget_s,
+                     memory_budget_mb=memory_budget_mb)
+
+
+def score_folder(
+    studies_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    clinical_csv: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    resume: bool = False,
+    explain: bool = False,
+    alpha: float = 0.1,
+    engine: str = "local",
+    ray_address: str | None = None,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    memory_budget_mb: float | None = None,
+    progress: bool = True,
+    command_line: Sequence[str] | None = None,
+    scorer_factory: ScorerFactory = load_fusion_scorer,
+) -> RunSummary:
+    """Score every study of ``studies_dir`` with the model in ``model_dir`` into ``out_dir``.
+
+    ``workers`` processes load and preprocess studies (0 = in this process) while this
+    process runs inference. ``time_budget_s`` / ``memory_budget_mb`` bound the loading of
+    one study (memory: growth of the worker's resident memory); a study over budget becomes
+    a ``BUDGET_EXCEEDED`` failure row and its worker is replaced. Fatal problems found
+    before scoring raise :class:`MedfusionError` (the CLI exits 1); per-study problems
+    become failure rows (exit code 2 in the returned summary).
+    """
+    t_start = time.monotonic()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _check_options(workers, alpha, engine, time_budget_s, memory_budget_mb)
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    studies_root = os.path.abspath(os.fspath(studies_dir))
+    out_path = Path(os.path.abspath(os.fspath(out_dir)))
+
+    # 1. fatal checks, cheapest and side-effect free first.
+    if not os.path.isdir(model_dir):
+        raise MedfusionError("--model must be a model folder (written by FusionModel.save)",
+                             code="MODEL_PACKAGE")
+    scorer = scorer_factory(model_dir)
+    labels = tuple(scorer.labels)
+    roles = tuple(scorer.roles)
+    modalities = tuple(getattr(scorer, "modalities", roles))
+    clinical: dict[str, dict[str, Any]] = {}
+    clinical_sha = None
+    if clinical_csv is not None:
+        if not os.path.isfile(clinical_csv):
+            raise MedfusionError("--clinical must be a CSV file with a study_id column",
+                                 code="CLINICAL_SCHEMA")
+        clinical = _read_clinical(clinical_csv, scorer)
+        clinical_sha = _file_sha256(clinical_csv)
+    found: Discovery = discover_studies(studies_root, exclude=os.fspath(out_path))
+    out = O.prepare_output_dir(out_path, resume=resume)
+    model_info = scorer.describe()
+    columns = O.score_columns(labels, roles, explain, modalities=modalities)
+    header = {
+        "format": 1,
+        "model_card_sha256": model_info.get("card_sha256"),
+        "model_file_sha256": model_info.get("file_sha256"),
+        "columns": columns,
+        "explain": bool(explain),
+        "alpha": float(alpha),
+        "seed": int(seed),
+        "clinical_sha256": clinical_sha,
+    }
+    journal = O.Journal(out / O.JOURNAL)
+    if resume:
+        journal.load()
+    journal.open(header)
+    n_resumed = sum(1 for ref in found.studies if ref.study_id in journal.records)
+    todo = deque(ref for ref in found.studies if ref.study_id not in journal.records)
+    for ref in todo:  # saliency renamed into place by a killed run, before its journal line
+        stale = out / O.SALIENCY / O.safe_component(ref.study_id, prefix="st-")
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+    run_info: dict[str, Any] = {
+        "status": "running",
+        "started_at": started_at,
+        "versions": _versions(),
+        "platform": {"system": platform.system(), "machine": platform.machine()},
+        "model": model_info,
+        "options": {
+            "workers": workers, "engine": engine, "explain": bool(explain),
+            "alpha": float(alpha), "resume": bool(resume),
+            "time_budget_s": time_budget_s, "memory_budget_mb": memory_budget_mb,
+            "clinical_sha256": clinical_sha, "ray_cluster": bool(ray_address),
+        },
+        "seeds": {"seed": int(seed), "per_study": "sha256(seed:study_id)[:4]"},
+        "command_line": safe_command_line(list(command_line if command_line is not None
+                                               else sys.argv)),
+        "discovery": {"studies": len(found.studies), "skipped_files": found.skipped_files,
+                      "unsafe_links": found.unsafe_links},
+    }
+
+    def snapshot(status: str) -> tuple[int, int]:
+        n_ok, n_bad = O.rebuild_tables(out, journal, columns)
+        info = dict(run_info, status=status)
+        info["studies"] = {
+            rec["key"]: {k: rec.get(k) for k in ("status", "digest", "timings", "n_files",
+                                                   "skipped_files", "unsafe_links", "issues",
+                                                   "stage", "code")}
+            for rec in journal.records.values()
+        }
+        info["totals"] = {"studies": len(found.studies), "scored": n_ok, "failed": n_bad,
+                          "resumed": n_resumed,
+                          "skipped_files": found.skipped_files + sum(
+                              int(r.get("skipped_files") or 0) for r in journal.records.values()),
+                          "unsafe_links": found.unsafe_links + sum(
+                              int(r.get("unsafe_links") or 0) for r in journal.records.values())}
+        elapsed = time.monotonic() - t_start
+        info["timings"] = {"elapsed_s": round(elapsed, 3),
+                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        O.write_json(out / O.RUN_JSON, info)
+        return n_ok, n_bad
+
+    snapshot("running")
+    bar = _Progress(progress, total=len(found.studies), done=n_resumed)
+    preparer = None
+    newly = 0
+    try:
+        preparer = _make_preparer(engine, workers, model_dir, scorer, scorer_factory,
+                                  ray_address, time_budget_s, memory_budget_mb)
+        ready: deque[dict[str, Any]] = deque()
+        max_ready = max(1, workers)  # prepared studies waiting for inference (bounded)
+        last_snapshot = time.monotonic()
+
+        def finish(record: dict[str, Any]) -> None:
+            nonlocal newly
+            journal.add(record)
+            newly += 1
+            bar.advance(record["status"] != "scored")
+
+        while todo or preparer.busy() or ready:
+            while todo and preparer.capacity() > 0 and len(ready) < max_ready:
+                ref = todo.popleft()
+                preparer.submit((ref, clinical.get(ref.study_id), bool(explain)))
+            for record in preparer.poll(0.0 if ready else 0.2):
+                if record.get("ok"):
+                    ready.append(record)
+                else:
+                    finish(_failure_record(record))
+            if ready:
+                record = ready.popleft()
+                finish(_predict_record(record, scorer, labels, modalities, out, explain, alpha,
+                                       seed, clinical_csv is not None
+                                       and record["study_id"] not in clinical))
+            if time.monotonic() - last_snapshot > REBUILD_EVERY_S:
+                snapshot("running")
+                last_snapshot = time.monotonic()
+    except KeyboardInterrupt:
+        snapshot("interrupted")
+        raise
+    finally:
+        bar.close()
+        if preparer is not None:
+            preparer.close()
+        journal.close()
+    n_ok, n_bad = snapshot("complete")
+    elapsed = time.monotonic() - t_start
+    codes: dict[str, int] = {}
+    for rec in journal.records.values():
+        if rec["status"] != "scored":
+            codes[rec["code"]] = codes.get(rec["code"], 0) + 1
+    return RunSummary(
+        out_dir=os.fspath(out),
+        n_studies=len(found.studies),
+        n_scored=n_ok,
+        n_failed=n_bad,
+        n_resumed=n_resumed,
+        n_skipped_files=found.skipped_files + sum(
+            int(r.get("skipped_files") or 0) for r in journal.records.values()),
+        n_unsafe_links=found.unsafe_links + sum(
+            int(r.get("unsafe_links") or 0) for r in journal.records.values()),
+        elapsed_s=round(elapsed, 3),
+        studies_per_s=round(newly / elapsed, 3) if elapsed > 0 else 0.0,
+        exit_code=0 if n_bad == 0 else 2,
+        failure_codes=dict(sorted(codes.items())),
+    )
+
+
+def _base_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in ("study_id", "key", "digest", "n_files", "skipped_files",
+                                       "unsafe_links", "issues", "timings")}
+
+
+def _failure_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    out = _base_record(record)
+    fail = dict(record["failure"])
+    out.update(status="failed", failure=fail, stage=fail["stage"], code=fail["code"])
+    return out
+
+
+def _predict_record(
+    record: dict[str, Any],
+    scorer: Scorer,
+    labels: Sequence[str],
+    modalities: Sequence[str],
+    out: Path,
+    explain: bool,
+    alpha: float,
+    seed: int,
+    no_clinical: bool,
+) -> dict[str, Any]:
+    """Inference (and saliency) for one prepared study, as a journal record."""
+    import warnings
+
+    ref = StudyRef(study_id=record["study_id"], key=record["key"], root="")
+    base = _base_record(record)
+    timings = dict(base.get("timings") or {})
+    stage = "predict"
+    t0 = time.perf_counter()
+    try:
+        _seed_everything(study_seed(seed, ref.study_id))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha)
+            timings["predict_s"] = round(time.perf_counter() - t0, 4)
+            stage = "explain"
+            saliency = (write_saliency(out, ref.study_id, ref.key, pred.explanation)
+                        if explain else None)
+        flags = [FLAG_NO_CLINICAL] if no_clinical else []
+        row = prediction_row(ref.study_id, pred, labels, modalities, flags, saliency)
+    except OutputError:
+        raise  # the disk, not the study: stop (resume later)
+    except Exception as error:  # noqa: BLE001 - one bad study never stops the batch
+        fail = failure(ref, stage, error)
+        base.update(status="failed", failure=fail, stage=stage, code=fail["code"],
+                    timings=timings)
+        return base
+    finally:
+        record.pop("prepared", None)  # drop the tensors now: memory stays flat
+    base.update(status="scored", row=row, timings=timings)
+    return base

@@ -1,0 +1,266 @@
+"""The two halves of scoring one study, and the glue that runs the first half anywhere.
+
+A :class:`Scorer` splits the work so that the batch can overlap I/O with compute:
+
+* ``prepare(study)`` runs in a worker process (or a Ray task): it turns a loaded
+  :class:`~medfusion.types.Study` into small model tensors (a 96^3 tensor ships between
+  processes in a fraction of the time a full 512x512x200 volume does);
+* ``predict(prepared, explain, alpha)`` runs in the parent, one study at a time.
+
+:class:`FusionModelScorer` adapts :class:`medfusion.models.fusion_model.FusionModel`.
+:func:`prepare_task` is what a worker runs for one :class:`StudyRef`; it never raises:
+every failure comes back as a PHI-free failure record.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from medfusion.errors import BudgetExceededError, MedfusionError, ModelPackageError, NoImagesError
+from medfusion.scoring.discovery import StudyRef, input_digest, study_files
+from medfusion.types import Prediction, Study
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What the batch engine needs from a model."""
+
+    labels: Sequence[str]
+    roles: Sequence[str]  # imaging roles (saliency columns)
+    modalities: Sequence[str]  # roles plus e.g. "clinical" (modality-weight columns)
+
+    def prepare(self, study: Study, *, explain: bool) -> Any:
+        """Study -> small, picklable model inputs (runs in workers). With ``explain`` the
+        source volumes travel too (saliency is mapped back onto them)."""
+
+    def predict(self, prepared: Any, *, explain: bool, alpha: float) -> Prediction:
+        """Prepared inputs -> Prediction (runs in the parent)."""
+
+    def describe(self) -> dict[str, Any]:
+        """PHI-free description for run.json (card hash, recipe...)."""
+
+
+class FusionModelScorer:
+    """A :class:`Scorer` over a saved FusionModel package (``FusionModel.load(dir)``)."""
+
+    def __init__(self, model: Any, model_dir: str) -> None:
+        self.model = model
+        self.model_dir = model_dir
+        self.labels = tuple(str(x) for x in model.labels)
+        self.roles = tuple(str(x) for x in model.roles)
+        self.modalities = tuple(str(x) for x in getattr(model, "modalities", model.roles))
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str]) -> FusionModelScorer:
+        """Load the package; any problem is a :class:`ModelPackageError` (fatal, exit 1)."""
+        from medfusion.models.fusion_model import FusionModel
+
+        try:
+            model = FusionModel.load(model_dir)
+        except MedfusionError:
+            raise
+        except Exception as error:  # unexpected reader failure: still a clean refusal
+            raise ModelPackageError(
+                f"could not load the model package ({type(error).__name__}); check --model "
+                "points at a folder written by FusionModel.save",
+            ) from None
+        return cls(model, os.fspath(model_dir))
+
+    def prepare(self, study: Study, *, explain: bool) -> Any:
+        # Without explanations the full-size source volumes are not needed in the parent:
+        # shipping only the model tensors is several times cheaper (design.md).
+        return self.model.prepare(study, keep_sources=explain)
+
+    def predict(self, prepared: Any, *, explain: bool, alpha: float) -> Prediction:
+        # One study per call: batching would make the floats depend on which studies
+        # happened to be ready together, and rows must not depend on the worker count.
+        return self.model.predict_prepared([prepared], explain=explain, alpha=alpha)[0]
+
+    @property
+    def clinical_schema(self) -> Any:
+        """The clinical schema the model was trained with (None when it has none)."""
+        return getattr(self.model, "clinical_schema", None)
+
+    @property
+    def uses_clinical(self) -> bool:
+        card = getattr(self.model, "card", None) or {}
+        recipe = card.get("recipe", {}) if isinstance(card, Mapping) else {}
+        return bool(recipe.get("clinical")) if isinstance(recipe, Mapping) else False
+
+    def describe(self) -> dict[str, Any]:
+        import hashlib
+        import json
+
+        card = getattr(self.model, "card", None) or {}
+        card_json = json.dumps(card, sort_keys=True, default=str).encode("utf-8")
+        recipe = card.get("recipe") if isinstance(card, Mapping) else None
+        files = {}
+        for name in sorted(os.listdir(self.model_dir)):
+            path = os.path.join(self.model_dir, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as handle:
+                    files[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+        return {
+            "card_sha256": hashlib.sha256(card_json).hexdigest(),
+            "file_sha256": files,
+            "labels": list(self.labels),
+            "roles": list(self.roles),
+            "modalities": list(self.modalities),
+            "recipe": recipe,
+        }
+
+
+def load_fusion_scorer(model_dir: str) -> Scorer:
+    """Default scorer factory (a top-level function so spawned workers can import it)."""
+    return FusionModelScorer.load(model_dir)
+
+
+# --------------------------------------------------------------------------------------
+# memory accounting (Linux /proc; elsewhere budgets fall back to time only)
+
+
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident memory of a process in MiB, or None where /proc is unavailable."""
+    return _proc_status_mb("VmRSS", pid)
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since the last :func:`reset_peak_rss`."""
+    return _proc_status_mb("VmHWM", None)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux >= 4.0); False when unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_mb(field: str, pid: int | None) -> float | None:
+    path = f"/proc/{pid or 'self'}/status"
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# the worker half
+
+
+def scrub(message: str, ref: StudyRef, files: Sequence[str]) -> str:
+    """Remove paths and file/folder names from a message (G2): they may hold names."""
+    replacements = {ref.root: "<root>"}
+    if ref.folder:
+        replacements[ref.folder] = "<study>"
+    for path in files:
+        replacements[path] = "<file>"
+        rel = os.path.relpath(path, ref.folder or ref.root)
+        replacements[rel] = "<file>"
+        for part in rel.split(os.sep):
+            if len(part) >= 4:
+                replacements[part] = "<name>"
+    # Longest first so a full path is replaced before its components.
+    for old in sorted(replacements, key=len, reverse=True):
+        if old:
+            message = message.replace(old, replacements[old])
+    return message
+
+
+def failure(ref: StudyRef, stage: str, error: BaseException, files: Sequence[str] = ()) -> dict:
+    """A PHI-free failure record for ``error`` (no traceback, ever)."""
+    if isinstance(error, MedfusionError):
+        code, message = error.code, scrub(error.message, ref, files)
+    elif isinstance(error, MemoryError):
+        code, message = "BUDGET_EXCEEDED", "ran out of memory; the study is too large"
+    else:
+        # An unexpected exception's text may quote file contents or paths: only its type.
+        code = "INTERNAL"
+        message = (
+            f"unexpected {type(error).__name__} at the {stage} stage of this study; please "
+            "report it with the study key from run.json"
+        )
+    return {"study_id": ref.study_id, "stage": stage, "code": code, "message": message}
+
+
+def _mirror(ref: StudyRef, files: Sequence[str], tmp: str) -> str:
+    """A folder of links to exactly ``files`` (for a loose group, or a study that holds
+    links leaving the root): the loaders then never see anything else."""
+    base = ref.folder or ref.root
+    for n, path in enumerate(files):
+        rel = os.path.relpath(path, base) if ref.folder else f"{n:06d}.dcm"
+        target = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.symlink(os.path.realpath(path), target)
+    return tmp
+
+
+def prepare_task(
+    scorer: Scorer,
+    ref: StudyRef,
+    clinical: Mapping[str, Any] | None,
+    *,
+    explain: bool = False,
+    memory_budget_mb: float | None = None,
+) -> dict[str, Any]:
+    """Load and prepare one study. Returns a record with ``ok`` and either ``prepared`` or
+    ``failure``, plus the input digest, counts and timings. Never raises."""
+    from medfusion.io.study import load_study
+
+    t0 = time.perf_counter()
+    tracked = memory_budget_mb is not None and reset_peak_rss()
+    base_mb = rss_mb() if tracked else None
+    out: dict[str, Any] = {"study_id": ref.study_id, "key": ref.key, "ok": False}
+    files: list[str] = []
+    stage = "discover"
+    try:
+        files, skipped, unsafe = study_files(ref)
+        out.update(n_files=len(files), skipped_files=skipped, unsafe_links=unsafe)
+        out["digest"] = input_digest(files, ref.folder or ref.root)
+        if not files:
+            raise NoImagesError(
+                "no DICOM or NIfTI file in this study folder; add images or remove the folder"
+            )
+        stage = "load"
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="mf-") as tmp:
+            # Library warnings can quote header values (names): never let them print.
+            warnings.simplefilter("ignore")
+            folder = ref.folder if (ref.folder and not unsafe) else _mirror(ref, files, tmp)
+            study = load_study(folder, clinical=dict(clinical) if clinical else None)
+            t1 = time.perf_counter()
+            stage = "prepare"
+            prepared = scorer.prepare(study, explain=explain)
+        t2 = time.perf_counter()
+        out["issues"] = sorted({f.code for f in study.issues})
+        out["roles"] = list(study.roles)
+        out["timings"] = {"load_s": round(t1 - t0, 4), "prepare_s": round(t2 - t1, 4)}
+        if tracked:
+            peak = peak_rss_mb()
+            if peak is not None and base_mb is not None:
+                out["peak_mb"] = round(peak - base_mb, 1)
+                if peak - base_mb > float(memory_budget_mb or 0):
+                    raise BudgetExceededError(
+                        f"preparing this study used {peak - base_mb:.0f} MiB, over the "
+                        f"{memory_budget_mb:.0f} MiB budget; raise the budget or check the input"
+                    )
+        out["ok"] = True
+        out["prepared"] = prepared
+    except BaseException as error:  # noqa: BLE001 - every failure becomes one row
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            raise
+        out["failure"] = failure(ref, stage, error, files)
+        out.setdefault("timings", {"load_s": round(time.perf_counter() - t0, 4)})
+        out["recycle"] = isinstance(error, BudgetExceededError | MemoryError)
+    return out
