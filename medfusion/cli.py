@@ -108,6 +108,61 @@ def predict(
     console.print(f"predictions written to {path}")
 
 
+@app.command()
+def score(
+    studies_dir: Path = typer.Argument(..., help="Folder with one subfolder per study."),
+    model: Path = typer.Option(..., "--model", help="Model folder (FusionModel package)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (empty, or --resume)."),
+    clinical: Optional[Path] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--clinical", help="Clinical CSV keyed by study_id (the study folder name)."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Loader processes (0 = in-process)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT."),
+    explain: bool = typer.Option(False, "--explain", help="Write saliency maps per study."),
+    alpha: float = typer.Option(0.1, "--alpha", help="Conformal error rate (0.1 = 90% sets)."),
+    engine: str = typer.Option("local", "--engine", help="local or ray."),
+    ray_address: Optional[str] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--ray-address", help="Existing Ray cluster (e.g. auto); local Ray otherwise."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for any randomness at inference."),
+    time_budget: Optional[float] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--time-budget", help="Seconds allowed to load one study."
+    ),
+    memory_budget: Optional[float] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--memory-budget", help="MiB a worker may grow while loading one study."
+    ),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Score every study of a folder: scores.csv, failures.csv, saliency/, run.json.
+
+    Exit 0 when every study scored, 2 when some failed (see failures.csv), 1 on a fatal
+    problem found before scoring.
+    """
+    from medfusion.scoring.engine import score_folder
+
+    try:
+        summary = score_folder(
+            studies_dir, model, out, clinical_csv=clinical, workers=workers, resume=resume,
+            explain=explain, alpha=alpha, engine=engine, ray_address=ray_address, seed=seed,
+            time_budget_s=time_budget, memory_budget_mb=memory_budget,
+            progress=not no_progress, command_line=sys.argv,
+        )
+    except MedfusionError as error:
+        _fail(error)
+        return
+    except Exception as error:  # noqa: BLE001 - a traceback could show paths/locals (PHI)
+        console.print(f"[red]error[/red] [INTERNAL] unexpected {type(error).__name__}; "
+                      "run again with --resume after reporting it")
+        raise typer.Exit(code=1) from None
+    line = (f"scored {summary.n_scored} of {summary.n_studies} studies"
+            f" ({summary.n_resumed} from a previous run), {summary.n_failed} failed,"
+            f" {summary.n_skipped_files} non-medical files skipped")
+    if summary.n_failed:
+        line += "; see failures.csv in the output folder"
+    console.print(line)
+    raise typer.Exit(code=summary.exit_code)
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # noqa: UP045 - typer needs Optional
     app(args=argv)
 
