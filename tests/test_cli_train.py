@@ -1,0 +1,60 @@
+"""`medfusion train` and `medfusion predict` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from medfusion.cli import app
+from medfusion.testing.synthetic import write_cohort
+
+RECIPE = """\
+labels: [normal, abnormal]
+modalities:
+  ct: {grid: [16, 16, 16]}
+clinical:
+  age: {type: numeric}
+  sex: {type: categorical}
+fusion: concat
+epochs: 2
+batch_size: 8
+"""
+
+
+def test_train_then_predict(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "c", 12, seed=5, roles=("ct",), formats={"ct": "nifti"})
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--manifest",
+                                 str(tmp_path / "c" / "manifest.csv"), "--out",
+                                 str(tmp_path / "model"), "--seed", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model" / "model.json").is_file()
+    result = runner.invoke(app, ["predict", str(tmp_path / "model"), "--manifest",
+                                 str(tmp_path / "c" / "manifest.csv"), "--out",
+                                 str(tmp_path / "pred.csv")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
+    assert len(rows) == 12
+    assert {"study_id", "predicted", "prob_normal", "prob_abnormal"} <= set(rows[0])
+    assert all(r["predicted"] in ("normal", "abnormal") for r in rows)
+
+
+def test_bad_recipe_is_one_clean_error_line(tmp_path: Path) -> None:
+    (tmp_path / "recipe.yaml").write_text("labels: [a, b]\nmodalities: {ct: {}}\nlr: 3\n")
+    (tmp_path / "m.csv").write_text("study_id,label,ct\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--manifest",
+                                      str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "[RECIPE]" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_predict_refuses_a_missing_model(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("study_id\ns1\n")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "nope"), "--manifest",
+                                      str(tmp_path / "m.csv"), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 1
+    assert "[MODEL_PACKAGE]" in result.output
