@@ -159,7 +159,7 @@ class KernelFusionClassifier:
         return w / w.sum() if w.sum() > 0 else np.full(m, 1.0 / m)
 
     def _require_fitted(self) -> None:
-        if not hasattr(self, "svc_"):
+        if not hasattr(self, "calibrator_"):
             raise ModelPackageError("the kernel fusion classifier is not fitted; call fit first")
 
     def decision_gram(self, embeddings: Any, present: Any) -> np.ndarray:
@@ -176,9 +176,8 @@ class KernelFusionClassifier:
 
     def predict_proba(self, embeddings: Any, present: Any) -> np.ndarray:
         """(N, n_classes) probabilities, columns in the order of ``classes_``."""
-        return self.calibrator_.predict_proba(
-            self._decision(self.svc_, self.decision_gram(embeddings, present))
-        )
+        gram = self.decision_gram(embeddings, present)
+        return self.calibrator_.predict_proba(self._decision(self.svc_, gram))
 
     def predict(self, embeddings: Any, present: Any) -> np.ndarray:
         return self.classes_[self.predict_proba(embeddings, present).argmax(1)]
