@@ -1,0 +1,1514 @@
+"""DICOM ingestion: header-only discovery, series grouping and exact geometry.
+
+Reader contract (what :func:`load_series` / :func:`load_dicom_file` return):
+
+* ``Volume.array`` is float32, shape (I, J, K) or (I, J, K, T): I runs along a DICOM row
+  (column index), J along a column (row index), K along the slice normal
+  (``cross(row_dir, col_dir)``). Real units: stored values times RescaleSlope plus
+  RescaleIntercept, applied per slice (CT in HU).
+* ``Volume.affine`` maps (i, j, k, 1) to RAS+ mm: DICOM LPS
+  ``[row_dir*col_spacing, col_dir*row_spacing, slice_step, IPP_first]`` with its first two
+  rows negated.
+* Slices are ordered by ImagePositionPatient projected on the normal, never by
+  InstanceNumber or file name. The rules for duplicates, time points, gaps, uneven spacing
+  and gantry tilt are in ``docs/dicom.md`` and in :func:`_assemble_stack`.
+* Nothing identifying leaves this module: series and studies are named by pseudonymous
+  keys, metadata is an allow-list, messages carry no paths or UIDs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from medfusion.errors import (
+    CorruptFileError,
+    GeometryError,
+    InvalidValuesError,
+    MedfusionError,
+    MissingSlicesError,
+    NotDicomError,
+    TruncatedError,
+    UnsupportedEncodingError,
+    UnsupportedInputError,
+)
+from medfusion.io.keys import pseudonym
+from medfusion.io.limits import check_declared_size
+from medfusion.types import Finding, Volume
+
+__all__ = [
+    "DicomScan",
+    "SeriesInfo",
+    "load_dicom_file",
+    "load_series",
+    "scan_dicom",
+]
+
+#: Modalities that are projections (one image per file, K = 1), never stacked.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "MG", "RF", "XA", "PX", "IO", "RG", "DF"})
+
+#: Acquisition tags copied into ``Volume.meta`` (an allow-list: nothing identifying,
+#: nothing private, no free text).
+META_ALLOW_LIST = (
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "MagneticFieldStrength",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "KVP",
+    "ConvolutionKernel",
+    "RepetitionTime",
+    "EchoTime",
+    "InversionTime",
+    "FlipAngle",
+    "ScanningSequence",
+    "SequenceVariant",
+    "MRAcquisitionType",
+    "PhotometricInterpretation",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PatientPosition",
+    "ImageType",
+    "RescaleType",
+    "PresentationIntentType",
+    "BitsStored",
+)
+
+# Identifiers read only to scrub them out of SeriesDescription; never output.
+_IDENTIFIER_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "OtherPatientIDs",
+)
+
+_TIME_TAGS = (
+    "TemporalPositionIdentifier",
+    "AcquisitionNumber",
+    "TriggerTime",
+    "EchoTime",
+    "EchoNumbers",
+    "DiffusionBValue",
+    "NumberOfTemporalPositions",
+    "AcquisitionTime",
+    "ContentTime",
+)
+
+_HEADER_TAGS = sorted(
+    {
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "SeriesNumber",
+        "SeriesDescription",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PlanarConfiguration",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "ImagerPixelSpacing",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "VOILUTSequence",
+        "ModalityLUTSequence",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DirectoryRecordSequence",
+        *META_ALLOW_LIST,
+        *_IDENTIFIER_TAGS,
+        *_TIME_TAGS,
+    }
+)
+
+_INSTALL_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+# ======================================================================================
+# public types
+# ======================================================================================
+@dataclass(frozen=True)
+class _FileHeader:
+    """What the header pass learnt about one file (kept out of repr: it holds a path)."""
+
+    path: Path
+    ds: Dataset  # header-only dataset (no pixel data)
+    transfer_syntax: str
+    pixel_offset: int | None  # file offset of the PixelData element tag
+    n_frames: int
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One loadable image set found by :func:`scan_dicom` (PHI-free except ``files``).
+
+    A cross-sectional series is every single-frame file of one SeriesInstanceUID; an
+    enhanced multi-frame file and a projection radiograph are one entry per file.
+    """
+
+    key: str
+    study_key: str
+    modality: str
+    description: str
+    n_instances: int
+    n_frames: int
+    files: tuple[Path, ...] = field(repr=False)
+    image_type: tuple[str, ...]
+    orientation: str
+    is_enhanced: bool
+    rows: int
+    columns: int
+    series_number: int | None = None
+    _headers: tuple[_FileHeader, ...] = field(default=(), repr=False, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        """PHI-free description (no files, paths or UIDs)."""
+        return {
+            "key": self.key,
+            "study_key": self.study_key,
+            "modality": self.modality,
+            "description": self.description,
+            "n_instances": self.n_instances,
+            "n_frames": self.n_frames,
+            "image_type": list(self.image_type),
+            "orientation": self.orientation,
+            "is_enhanced": self.is_enhanced,
+            "rows": self.rows,
+            "columns": self.columns,
+        }
+
+
+@dataclass
+class DicomScan:
+    """Result of :func:`scan_dicom`: the series found (stable order) and the files skipped
+    with a short reason (``"not DICOM"``, ``"DICOMDIR"``, ``"no pixel data"`` ...)."""
+
+    series: list[SeriesInfo] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+# ======================================================================================
+# small helpers
+# ======================================================================================
+def _floats(value: Any, n: int | None = None) -> tuple[float, ...] | None:
+    """A DICOM multi-value as floats; None when absent or unparsable."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            out = (float(value),)
+        else:
+            out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if n is not None and len(out) != n:
+        return None
+    return out
+
+
+def _float(value: Any, default: float | None = None) -> float | None:
+    v = _floats(value)
+    if v is None or len(v) == 0:
+        return default
+    return v[0]
+
+
+def _int(value: Any, default: int | None = None) -> int | None:
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return default
+
+
+def _json_value(value: Any) -> Any:
+    """A pydicom value as a JSON-safe Python value."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_json_value(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        f = float(value)
+        return int(f) if f.is_integer() and isinstance(value, int) else f
+    return str(value)
+
+
+def _identifier_strings(ds: Dataset) -> list[str]:
+    out: list[str] = []
+    for tag in _IDENTIFIER_TAGS:
+        value = ds.get(tag)
+        if value is None:
+            continue
+        text = str(value).strip()
+        if len(text) >= 3:
+            out.append(text)
+        for part in text.replace("^", " ").split():
+            if len(part) >= 3:
+                out.append(part)
+    return out
+
+
+def _scrub(text: str, ds: Dataset) -> str:
+    """Remove the header's own patient identifiers from a free-text label."""
+    lowered = text
+    for ident in sorted(_identifier_strings(ds), key=len, reverse=True):
+        idx = lowered.lower().find(ident.lower())
+        while idx >= 0:
+            lowered = lowered[:idx] + "[removed]" + lowered[idx + len(ident) :]
+            idx = lowered.lower().find(ident.lower())
+    return lowered
+
+
+def _syntax_name(uid: str) -> str:
+    try:
+        name = UID(uid).name
+    except Exception:  # pragma: no cover - pydicom always names a UID string
+        name = ""
+    return f"{name} ({uid})" if name and name != uid else uid
+
+
+def _orientation_label(iop: tuple[float, ...] | None) -> str:
+    if iop is None:
+        return "unknown"
+    normal = np.cross(iop[:3], iop[3:])
+    norm = float(np.linalg.norm(normal))
+    if norm < 1e-6:
+        return "unknown"
+    normal = np.abs(normal / norm)
+    axis = int(np.argmax(normal))
+    if normal[axis] < math.cos(math.radians(30)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+# ======================================================================================
+# header pass
+# ======================================================================================
+def _sniff(path: Path) -> str:
+    """``"dicom"`` (DICM marker), ``"raw"`` (a bare dataset without preamble: starts with a
+    group 0x0002 or 0x0008 element), ``"empty"`` or ``"other"``. Never force-reads junk."""
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(132)
+    except OSError:
+        return "other"
+    if not head:
+        return "empty"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if len(head) >= 8:
+        group = int.from_bytes(head[0:2], "little")
+        element = int.from_bytes(head[2:4], "little")
+        if group in (0x0002, 0x0008) and element < 0x0100:
+            vr = head[4:6]
+            if vr.isalpha() and vr.isupper():
+                return "raw"
+            length = int.from_bytes(head[4:8], "little")
+            if length < 1024:
+                return "raw"
+    return "other"
+
+
+def _read_header(path: Path) -> tuple[_FileHeader | None, str | None]:
+    """Header-only parse of one file; ``(header, None)`` or ``(None, skip reason)``."""
+    kind = _sniff(path)
+    if kind == "empty":
+        return None, "empty file"
+    if kind == "other":
+        return None, "not DICOM"
+    try:
+        with open(path, "rb") as fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(
+                fp,
+                stop_before_pixels=True,
+                specific_tags=_HEADER_TAGS,
+                force=(kind == "raw"),
+            )
+            offset = fp.tell()
+            tail = fp.read(8)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError):
+        return None, "unreadable DICOM header"
+    except Exception:  # noqa: BLE001 - pydicom raises many types on junk; all mean skip
+        return None, "unreadable DICOM header"
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
+        return None, "DICOMDIR"
+    has_pixels = len(tail) >= 4 and tail[:4] == b"\xe0\x7f\x10\x00"
+    if not has_pixels and len(tail) >= 4 and tail[:4] == b"\x7f\xe0\x00\x10":
+        has_pixels = True  # big endian
+    if not has_pixels or ds.get("Rows") is None or ds.get("Columns") is None:
+        return None, "no pixel data"
+    fm = getattr(ds, "file_meta", None)
+    ts = str(fm.get("TransferSyntaxUID", "")) if fm is not None else ""
+    if not ts:
+        ts = str(ImplicitVRLittleEndian)
+    n_frames = _int(ds.get("NumberOfFrames"), 1) or 1
+    return _FileHeader(path=path, ds=ds, transfer_syntax=ts, pixel_offset=offset,
+                       n_frames=max(1, n_frames)), None
+
+
+def _check_header_size(h: _FileHeader, what: str) -> None:
+    ds = h.ds
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    spp = _int(ds.get("SamplesPerPixel"), 1) or 1
+    bits = _int(ds.get("BitsAllocated"), 16) or 16
+    check_declared_size((cols, rows, h.n_frames * spp), max(bits, 8) / 8.0, what)
+
+
+def _is_enhanced(ds: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _first_fg(ds: Dataset, seq_name: str, frame: int | None = 0) -> Dataset | None:
+    """The functional-group item ``seq_name`` for a frame (per-frame first, then shared)."""
+    if frame is not None:
+        pf = ds.get("PerFrameFunctionalGroupsSequence")
+        if pf is not None and frame < len(pf):
+            seq = pf[frame].get(seq_name)
+            if seq:
+                return seq[0]
+    sh = ds.get("SharedFunctionalGroupsSequence")
+    if sh:
+        seq = sh[0].get(seq_name)
+        if seq:
+            return seq[0]
+    return None
+
+
+def _header_iop(ds: Dataset) -> tuple[float, ...] | None:
+    if _is_enhanced(ds):
+        item = _first_fg(ds, "PlaneOrientationSequence")
+        return _floats(item.get("ImageOrientationPatient"), 6) if item is not None else None
+    return _floats(ds.get("ImageOrientationPatient"), 6)
+
+
+def scan_dicom(paths: Iterable[str | Path]) -> DicomScan:
+    """Header-only pass over files: group them into series, skip what is not an image.
+
+    ``paths`` are files (use :func:`iter_files` to walk a folder). Nothing is decoded; only
+    the tags medfusion needs are parsed. Each file's declared size is checked against the
+    limits here (a header declaring gigabytes raises ``LimitExceededError`` at once).
+    Series come back in a stable order (series number, then description, then key).
+    """
+    skipped: list[tuple[Path, str]] = []
+    headers: list[_FileHeader] = []
+    for n, p in enumerate(sorted((Path(p) for p in paths), key=lambda q: str(q))):
+        header, reason = _read_header(p)
+        if header is None:
+            skipped.append((p, reason or "skipped"))
+            continue
+        _check_header_size(header, f"DICOM file #{n + 1}")
+        headers.append(header)
+
+    groups: dict[str, list[_FileHeader]] = {}
+    per_file: list[tuple[str, _FileHeader]] = []
+    for h in headers:
+        ds = h.ds
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not series_uid:
+            series_uid = "no-series-uid:" + str(h.path.parent)
+        modality = str(ds.get("Modality", "") or "").upper()
+        if _is_enhanced(ds) or modality in PROJECTION_MODALITIES:
+            per_file.append((series_uid, h))
+        else:
+            groups.setdefault(series_uid, []).append(h)
+
+    infos: list[SeriesInfo] = []
+    for series_uid, hs in groups.items():
+        infos.append(_make_info(series_uid, hs, key_source=series_uid))
+    uid_counts: dict[str, int] = {}
+    for series_uid, _h in per_file:
+        uid_counts[series_uid] = uid_counts.get(series_uid, 0) + 1
+    for series_uid, h in per_file:
+        source = series_uid
+        if uid_counts[series_uid] > 1 or series_uid in groups:
+            source = series_uid + "/" + str(h.ds.get("SOPInstanceUID", h.path.name))
+        infos.append(_make_info(series_uid, [h], key_source=source))
+
+    infos.sort(
+        key=lambda s: (
+            s.series_number if s.series_number is not None else 10**9,
+            s.description,
+            s.key,
+        )
+    )
+    return DicomScan(series=infos, skipped=skipped)
+
+
+def _make_info(series_uid: str, hs: list[_FileHeader], *, key_source: str) -> SeriesInfo:
+    ds0 = hs[0].ds
+    modality = str(ds0.get("Modality", "") or "unknown").upper() or "unknown"
+    study_uid = str(ds0.get("StudyInstanceUID", "") or "no-study-uid")
+    enhanced = _is_enhanced(ds0)
+    if modality in PROJECTION_MODALITIES and not enhanced:
+        orientation = "projection"
+    else:
+        orientation = _orientation_label(_header_iop(ds0))
+    image_type = ds0.get("ImageType")
+    image_type_t = tuple(str(v) for v in image_type) if image_type is not None else ()
+    if isinstance(image_type, str):
+        image_type_t = (image_type,)
+    description = _scrub(str(ds0.get("SeriesDescription", "") or ""), ds0)
+    return SeriesInfo(
+        key=pseudonym(key_source, prefix="se-"),
+        study_key=pseudonym(study_uid, prefix="st-"),
+        modality=modality,
+        description=description,
+        n_instances=len(hs),
+        n_frames=sum(h.n_frames for h in hs),
+        files=tuple(h.path for h in hs),
+        image_type=image_type_t,
+        orientation=orientation,
+        is_enhanced=enhanced,
+        rows=_int(ds0.get("Rows"), 0) or 0,
+        columns=_int(ds0.get("Columns"), 0) or 0,
+        series_number=_int(ds0.get("SeriesNumber")),
+        _headers=tuple(hs),
+    )
+
+
+def iter_files(folder: str | Path) -> list[Path]:
+    """Every regular file under ``folder`` (any nesting), symlinks not followed, sorted."""
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            if p.is_file() and not p.is_symlink():
+                out.append(p)
+    return out
+
+
+# ======================================================================================
+# pixel reading
+# ======================================================================================
+def _pixel_dtype(ds: Dataset) -> np.dtype:
+    bits = _int(ds.get("BitsAllocated"), 16) or 16
+    signed = (_int(ds.get("PixelRepresentation"), 0) or 0) == 1
+    if bits == 8:
+        return np.dtype("i1" if signed else "u1")
+    if bits == 16:
+        return np.dtype("<i2" if signed else "<u2")
+    if bits == 32:
+        return np.dtype("<i4" if signed else "<u4")
+    raise UnsupportedInputError(
+        f"BitsAllocated = {bits} is not supported; expected 8, 16 or 32. "
+        "Convert the image to a standard grayscale encoding.",
+    )
+
+
+def _mask_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Honour BitsStored < BitsAllocated: drop overlay bits, sign-extend signed data."""
+    bits_alloc = arr.dtype.itemsize * 8
+    bits_stored = _int(ds.get("BitsStored"), bits_alloc) or bits_alloc
+    if bits_stored >= bits_alloc:
+        return arr
+    shift = bits_alloc - bits_stored
+    if arr.dtype.kind == "i":
+        return (arr << shift) >> shift
+    return arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
+
+
+def _read_fast(h: _FileHeader, what: str) -> np.ndarray | None:
+    """Uncompressed little-endian pixel data read straight from the file with
+    ``np.frombuffer`` (no pydicom element objects). None when the fast path does not apply."""
+    ds = h.ds
+    if h.transfer_syntax not in _UNCOMPRESSED or h.pixel_offset is None:
+        return None
+    if (_int(ds.get("SamplesPerPixel"), 1) or 1) != 1:
+        return None
+    dtype = _pixel_dtype(ds)
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    expected = rows * cols * h.n_frames * dtype.itemsize
+    implicit = h.transfer_syntax == ImplicitVRLittleEndian
+    with open(h.path, "rb") as fp:
+        fp.seek(h.pixel_offset)
+        head = fp.read(8 if implicit else 12)
+        if implicit:
+            if len(head) < 8:
+                raise TruncatedError(f"{what}: pixel data header is cut off. {_TRUNC_FIX}")
+            length = int.from_bytes(head[4:8], "little")
+        else:
+            if len(head) < 12:
+                raise TruncatedError(f"{what}: pixel data header is cut off. {_TRUNC_FIX}")
+            if head[4:6] not in (b"OW", b"OB", b"UN"):
+                return None
+            length = int.from_bytes(head[8:12], "little")
+        if length == 0xFFFFFFFF:
+            return None  # encapsulated despite the syntax: let pydicom decide
+        if length < expected:
+            raise TruncatedError(
+                f"{what}: pixel data holds {length} bytes, the header declares {expected}. "
+                f"{_TRUNC_FIX}",
+            )
+        buf = fp.read(expected)
+    if len(buf) < expected:
+        raise TruncatedError(
+            f"{what}: file ends after {len(buf)} of {expected} pixel bytes. {_TRUNC_FIX}",
+        )
+    arr = np.frombuffer(buf, dtype=dtype).reshape(h.n_frames, rows, cols)
+    return _mask_bits(arr, ds)
+
+
+_TRUNC_FIX = "The file is truncated or corrupt: copy it again from the source (PACS export)."
+
+
+def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarray, bool]:
+    """Full pydicom read and decode (compressed syntaxes via the pylibjpeg plugins).
+
+    Returns (stored frames as (F, rows, cols), was_compressed). In ``strict`` mode a pydicom
+    warning while reading (e.g. "End of file before delimiter") is an error.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(str(h.path), force=h.pixel_offset is not None and
+                                 _sniff(h.path) == "raw")
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+            raise CorruptFileError(
+                f"{what}: the file cannot be parsed ({type(exc).__name__}). {_TRUNC_FIX}",
+            ) from None
+        if "PixelData" not in ds:
+            raise TruncatedError(f"{what}: pixel data is missing or cut off. {_TRUNC_FIX}")
+        ts = h.transfer_syntax
+        compressed = ts not in _UNCOMPRESSED and UID(ts).is_compressed
+        try:
+            arr = ds.pixel_array
+        except (NotImplementedError, RuntimeError, ImportError) as exc:
+            text = str(exc).lower()
+            if "missing" in text or "no pixel data handler" in text or "plugin" in text or \
+                    "not supported" in text or "unable to decode" in text or \
+                    "no decoders" in text or isinstance(exc, NotImplementedError):
+                if compressed or "decode" in text:
+                    raise UnsupportedEncodingError(
+                        f"{what}: no decoder available for transfer syntax "
+                        f"{_syntax_name(ts)}. Install the decoders with: {_INSTALL_HINT}",
+                    ) from None
+            raise CorruptFileError(
+                f"{what}: pixel data cannot be decoded ({type(exc).__name__}). {_TRUNC_FIX}",
+            ) from None
+        except (ValueError, EOFError, KeyError, IndexError, AttributeError, TypeError) as exc:
+            text = str(exc).lower()
+            if "length" in text or "expected" in text or "truncat" in text or "end of" in text:
+                raise TruncatedError(
+                    f"{what}: pixel data is shorter than the header declares. {_TRUNC_FIX}",
+                ) from None
+            raise CorruptFileError(
+                f"{what}: pixel data cannot be decoded ({type(exc).__name__}). {_TRUNC_FIX}",
+            ) from None
+    pydicom_warnings = [w for w in caught if "pydicom" in (w.filename or "") or
+                        "delimiter" in str(w.message).lower()]
+    if any("delimiter" in str(w.message).lower() or "end of file" in str(w.message).lower()
+           for w in pydicom_warnings):
+        # pydicom only warns when the file ends inside the encapsulated pixel data: the
+        # frames may be incomplete. Refuse under strict; otherwise the decode above worked.
+        if strict:
+            raise TruncatedError(
+                f"{what}: the file ends before its pixel data delimiter. {_TRUNC_FIX}",
+            )
+    elif strict and pydicom_warnings:
+        raise CorruptFileError(
+            f"{what}: pydicom reported a malformed element while reading "
+            f"({len(pydicom_warnings)} warning(s)). Fix the file or load without strict=True.",
+        )
+    arr = np.asarray(arr)
+    spp = _int(ds.get("SamplesPerPixel"), 1) or 1
+    if spp != 1:
+        raise UnsupportedInputError(
+            f"{what}: colour images (SamplesPerPixel = {spp}) are not supported; "
+            "medfusion reads grayscale CT, MR and X-ray.",
+        )
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    arr = arr.reshape(-1, rows, cols)
+    if arr.shape[0] != h.n_frames:
+        raise TruncatedError(
+            f"{what}: decoded {arr.shape[0]} frame(s), the header declares {h.n_frames}. "
+            f"{_TRUNC_FIX}",
+        )
+    return arr, compressed
+
+
+def _read_stored(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarray, bool]:
+    """Stored pixel values (F, rows, cols) of one file, plus whether it was compressed."""
+    arr = _read_fast(h, what)
+    if arr is not None:
+        return arr, False
+    return _read_pydicom(h, what, strict=strict)
+
+
+# ======================================================================================
+# geometry assembly
+# ======================================================================================
+@dataclass
+class _Slice:
+    """One 2D image (a single-frame file or one frame of a multi-frame file)."""
+
+    file_index: int
+    frame: int
+    ipp: tuple[float, ...] | None
+    iop: tuple[float, ...] | None
+    pixel_spacing: tuple[float, ...] | None
+    rows: int
+    cols: int
+    slope: float
+    intercept: float
+    thickness: float | None
+    instance_number: int | None
+    time_keys: dict[str, Any]
+    n_temporal: int | None = None
+
+
+_POS_TOL_MM = 0.01  # two slices closer than this along the normal share a position
+_SPACING_REL_TOL = 0.01  # |gap - median| / median under this is float jitter (B3)
+_TILT_MIN_DEG = 0.1
+
+
+def _slices_from_header(h: _FileHeader, file_index: int) -> list[_Slice]:
+    ds = h.ds
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    slope = _float(ds.get("RescaleSlope"), 1.0)
+    intercept = _float(ds.get("RescaleIntercept"), 0.0)
+    keys: dict[str, Any] = {}
+    for tag in ("TemporalPositionIdentifier", "AcquisitionNumber", "TriggerTime", "EchoTime",
+                "EchoNumbers", "DiffusionBValue"):
+        value = ds.get(tag)
+        if value is not None and value != "":
+            keys[tag] = _json_value(value)
+    for tag in ("AcquisitionTime", "ContentTime"):
+        value = ds.get(tag)
+        if value:
+            keys["_" + tag] = str(value)
+    return [
+        _Slice(
+            file_index=file_index,
+            frame=f,
+            ipp=_floats(ds.get("ImagePositionPatient"), 3),
+            iop=_floats(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+            rows=rows,
+            cols=cols,
+            slope=1.0 if slope is None else slope,
+            intercept=0.0 if intercept is None else intercept,
+            thickness=_float(ds.get("SliceThickness")),
+            instance_number=_int(ds.get("InstanceNumber")),
+            time_keys=keys,
+            n_temporal=_int(ds.get("NumberOfTemporalPositions")),
+        )
+        for f in range(h.n_frames)
+    ]
+
+
+def _slices_from_enhanced(ds: Dataset, what: str) -> list[_Slice]:
+    n_frames = _int(ds.get("NumberOfFrames"), 1) or 1
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    pf = ds.get("PerFrameFunctionalGroupsSequence")
+    if pf is None or len(pf) != n_frames:
+        raise CorruptFileError(
+            f"{what}: enhanced multi-frame file lists {0 if pf is None else len(pf)} per-frame "
+            f"groups for {n_frames} frames. Re-export the series.",
+        )
+    top_slope = _float(ds.get("RescaleSlope"), 1.0)
+    top_inter = _float(ds.get("RescaleIntercept"), 0.0)
+    out = []
+    for f in range(n_frames):
+        pos = _first_fg(ds, "PlanePositionSequence", f)
+        ori = _first_fg(ds, "PlaneOrientationSequence", f)
+        meas = _first_fg(ds, "PixelMeasuresSequence", f)
+        pvt = _first_fg(ds, "PixelValueTransformationSequence", f)
+        content = _first_fg(ds, "FrameContentSequence", f)
+        ftype = _first_fg(ds, "MRImageFrameTypeSequence", f) or _first_fg(
+            ds, "CTImageFrameTypeSequence", f
+        )
+        echo = _first_fg(ds, "MREchoSequence", f)
+        cardiac = _first_fg(ds, "CardiacSynchronizationSequence", f)
+        keys: dict[str, Any] = {}
+        if content is not None:
+            for tag in ("TemporalPositionIndex", "StackID"):
+                value = content.get(tag)
+                if value is not None and value != "":
+                    keys[tag] = _json_value(value)
+        if ftype is not None and ftype.get("FrameType") is not None:
+            keys["FrameType"] = "\\".join(str(v) for v in ftype.get("FrameType"))
+        if echo is not None and echo.get("EffectiveEchoTime") is not None:
+            keys["EffectiveEchoTime"] = _float(echo.get("EffectiveEchoTime"))
+        if cardiac is not None and cardiac.get("NominalCardiacTriggerDelayTime") is not None:
+            keys["NominalCardiacTriggerDelayTime"] = _float(
+                cardiac.get("NominalCardiacTriggerDelayTime")
+            )
+        slope = _float(pvt.get("RescaleSlope"), None) if pvt is not None else None
+        inter = _float(pvt.get("RescaleIntercept"), None) if pvt is not None else None
+        out.append(
+            _Slice(
+                file_index=0,
+                frame=f,
+                ipp=_floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None,
+                iop=_floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None,
+                pixel_spacing=(
+                    _floats(meas.get("PixelSpacing"), 2) if meas is not None else None
+                ),
+                rows=rows,
+                cols=cols,
+                slope=slope if slope is not None else (top_slope or 1.0),
+                intercept=inter if inter is not None else (top_inter or 0.0),
+                thickness=_float(meas.get("SliceThickness")) if meas is not None else None,
+                instance_number=f + 1,
+                time_keys=keys,
+            )
+        )
+    return out
+
+
+def _finite_rescale(slices: Sequence[_Slice], what: str) -> None:
+    for s in slices:
+        if not (math.isfinite(s.slope) and math.isfinite(s.intercept)):
+            raise InvalidValuesError(
+                f"{what}: RescaleSlope/RescaleIntercept is NaN or infinite, so every voxel "
+                "would be invalid. Fix the header or exclude the series.",
+            )
+
+
+def _separate_time(
+    groups: list[list[int]], slices: Sequence[_Slice], what: str
+) -> tuple[list[list[int]], str]:
+    """Order the members of each position group into time points.
+
+    Returns the groups re-ordered (member t = time point t) and the rule used. The
+    separating attribute must take the same set of values at every position and distinct
+    values within a position; otherwise, when NumberOfTemporalPositions equals the count,
+    members are ranked by acquisition time then InstanceNumber within each position.
+    """
+    count = len(groups[0])
+    candidates = ("TemporalPositionIdentifier", "TemporalPositionIndex", "AcquisitionNumber",
+                  "TriggerTime", "NominalCardiacTriggerDelayTime", "EchoNumbers", "EchoTime",
+                  "EffectiveEchoTime", "DiffusionBValue", "StackID", "FrameType")
+
+    def sort_value(v: Any) -> tuple[int, Any]:
+        try:
+            return (0, float(v))
+        except (TypeError, ValueError):
+            return (1, str(v))
+
+    for tag in candidates:
+        values = [[slices[i].time_keys.get(tag) for i in g] for g in groups]
+        if any(v is None for vs in values for v in vs):
+            continue
+        reference = sorted({sort_value(v) for v in values[0]})
+        if len(reference) != count:
+            continue
+        if all(sorted(sort_value(v) for v in vs) == reference for vs in values):
+            ordered = [
+                [i for _, i in sorted(zip([sort_value(v) for v in vs], g, strict=True))]
+                for vs, g in zip(values, groups, strict=True)
+            ]
+            return ordered, tag
+    n_temporal = {slices[i].n_temporal for g in groups for i in g}
+    if n_temporal == {count}:
+        for tag in ("_AcquisitionTime", "_ContentTime", "InstanceNumber"):
+            if tag == "InstanceNumber":
+                values = [[slices[i].instance_number for i in g] for g in groups]
+            else:
+                values = [[slices[i].time_keys.get(tag) for i in g] for g in groups]
+            if any(v is None for vs in values for v in vs):
+                continue
+            if all(len(set(vs)) == count for vs in values):
+                ordered = [
+                    [i for _, i in sorted(zip([sort_value(v) for v in vs], g, strict=True))]
+                    for vs, g in zip(values, groups, strict=True)
+                ]
+                return ordered, tag.lstrip("_") + " rank (NumberOfTemporalPositions)"
+    raise GeometryError(
+        f"{what}: {count} different images share each slice position and no attribute "
+        "(TemporalPositionIdentifier, AcquisitionNumber, TriggerTime, EchoTime, ...) separates "
+        "them into time points or phases. Split the series (e.g. by phase) before loading.",
+        code="DUPLICATE_POSITIONS",
+    )
+
+
+def _equalized_positions(d: np.ndarray) -> tuple[np.ndarray, float]:
+    """dcm2niix's equalisation: the smallest gap, at most twice as many slices as input."""
+    gaps = np.diff(d)
+    step = float(gaps[gaps > 0].min())
+    n = int(math.ceil((d[-1] - d[0] - 0.5 * (d[-1] - d[-2])) / step)) + 1
+    n = max(n, 2)
+    if n > 2 * len(d):
+        n = 2 * len(d)
+    step = float(d[-1] - d[0]) / (n - 1)
+    return d[0] + step * np.arange(n), step
+
+
+def _resample_stack(
+    planes: np.ndarray,
+    offsets_px: np.ndarray,
+    d: np.ndarray,
+    targets: np.ndarray,
+    fill: float,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resample a stack of parallel planes onto an orthogonal grid, linearly, in world space.
+
+    ``planes`` (K, rows, cols): the source slices; ``offsets_px`` (K, 2): in-plane offset of
+    each slice origin relative to slice 0, in (row, col) pixels; ``d`` (K,): slice
+    distances along the normal (ascending); ``targets``: output distances along the normal.
+    The output grid's in-plane lattice is slice 0's, extended to cover every slice (as
+    dcm2niix's tilt correction does). Returns (out (S, rows', cols'), (row0, col0)) where
+    (row0, col0) is the output origin in slice-0 pixel units.
+    """
+    from scipy import ndimage
+
+    k, rows, cols = planes.shape
+    r_lo = int(math.floor(min(0.0, float(offsets_px[:, 0].min())) + 1e-6))
+    c_lo = int(math.floor(min(0.0, float(offsets_px[:, 1].min())) + 1e-6))
+    r_hi = int(math.ceil(max(0.0, float(offsets_px[:, 0].max())) - 1e-6)) + rows
+    c_hi = int(math.ceil(max(0.0, float(offsets_px[:, 1].max())) - 1e-6)) + cols
+    out_rows, out_cols = r_hi - r_lo, c_hi - c_lo
+    cache: dict[int, np.ndarray] = {}
+
+    def placed(idx: int) -> np.ndarray:
+        if idx in cache:
+            return cache[idx]
+        canvas = np.full((out_rows, out_cols), fill, dtype=np.float32)
+        orow = offsets_px[idx, 0] - r_lo
+        ocol = offsets_px[idx, 1] - c_lo
+        irow, icol = int(math.floor(orow + 1e-6)), int(math.floor(ocol + 1e-6))
+        canvas[irow : irow + rows, icol : icol + cols] = planes[idx]
+        frac = (orow - irow, ocol - icol)
+        if abs(frac[0]) > 1e-6 or abs(frac[1]) > 1e-6:
+            canvas = ndimage.shift(canvas, frac, order=1, mode="nearest", prefilter=False)
+        for old in [c for c in cache if c < idx - 1]:
+            del cache[old]
+        cache[idx] = canvas
+        return canvas
+
+    out = np.empty((len(targets), out_rows, out_cols), dtype=np.float32)
+    for s, t in enumerate(targets):
+        hi = int(np.searchsorted(d, t - 1e-6))
+        if hi <= 0:
+            out[s] = placed(0)
+            continue
+        if hi >= k:
+            out[s] = placed(k - 1)
+            continue
+        lo = hi - 1
+        span = float(d[hi] - d[lo])
+        w = 0.0 if span <= 0 else float(t - d[lo]) / span
+        if w <= 1e-6:
+            out[s] = placed(lo)
+        elif w >= 1 - 1e-6:
+            out[s] = placed(hi)
+        else:
+            np.multiply(placed(lo), np.float32(1.0 - w), out=out[s])
+            out[s] += np.float32(w) * placed(hi)
+    return out, (r_lo, c_lo)
+
+
+def _lps_to_ras(m: np.ndarray) -> np.ndarray:
+    out = np.array(m, dtype=np.float64, copy=True)
+    out[:2, :] *= -1.0
+    return out
+
+
+def _assemble_stack(
+    slices: list[_Slice],
+    read_plane: Callable[[list[int], np.ndarray], list[bool]],
+    *,
+    strict: bool,
+    what: str,
+    modality: str,
+) -> tuple[np.ndarray, np.ndarray, list[Finding], dict[str, Any]]:
+    """Order slices in space, deduplicate, split time points, check spacing and tilt.
+
+    ``read_plane(indices, out)`` fills ``out[n]`` with the rescaled float32 plane of slice
+    ``indices[n]`` (shape (rows, cols)) and returns, per plane, whether it decoded to all
+    zeros from a compressed stream. Returns (array (I,J,K[,T]), affine RAS, findings, meta).
+    """
+    findings: list[Finding] = []
+    extra: dict[str, Any] = {}
+    if not slices:
+        raise CorruptFileError(f"{what}: no image slices. Check the input.")
+    if any(s.ipp is None or s.iop is None for s in slices):
+        raise GeometryError(
+            f"{what}: ImagePositionPatient or ImageOrientationPatient is missing, so the "
+            "slice positions and orientation are unknown (medfusion never invents an identity "
+            "geometry). Re-export the series with its geometry tags.",
+            code="MISSING_GEOMETRY",
+        )
+    if any(s.pixel_spacing is None for s in slices):
+        raise GeometryError(
+            f"{what}: PixelSpacing is missing; voxel sizes are unknown. Re-export the series "
+            "with its geometry tags.",
+            code="MISSING_GEOMETRY",
+        )
+    s0 = slices[0]
+    for s in slices[1:]:
+        if (s.rows, s.cols) != (s0.rows, s0.cols):
+            raise GeometryError(
+                f"{what}: slices differ in size ({s0.rows}x{s0.cols} vs {s.rows}x{s.cols}). "
+                "A series must have one matrix size; split it or pick the images you need.",
+                code="INCONSISTENT_GEOMETRY",
+            )
+        if not np.allclose(s.pixel_spacing, s0.pixel_spacing, rtol=1e-3, atol=1e-4):
+            raise GeometryError(
+                f"{what}: pixel spacing differs between slices. A series must have one pixel "
+                "spacing; split it before loading.",
+                code="INCONSISTENT_GEOMETRY",
+            )
+        if not np.allclose(s.iop, s0.iop, atol=1e-3):
+            raise GeometryError(
+                f"{what}: image orientation differs between slices (e.g. a localizer with "
+                "several planes). Load each orientation as its own series.",
+                code="INCONSISTENT_GEOMETRY",
+            )
+    row = np.asarray(s0.iop[:3], dtype=np.float64)
+    col = np.asarray(s0.iop[3:], dtype=np.float64)
+    if np.linalg.norm(row) < 1e-6 or np.linalg.norm(col) < 1e-6:
+        raise GeometryError(
+            f"{what}: ImageOrientationPatient is degenerate.", code="MISSING_GEOMETRY"
+        )
+    row /= np.linalg.norm(row)
+    col /= np.linalg.norm(col)
+    if abs(float(row @ col)) > 1e-3:
+        raise GeometryError(
+            f"{what}: ImageOrientationPatient row and column directions are not "
+            "perpendicular. The header is corrupt; re-export the series.",
+            code="INVALID_ORIENTATION",
+        )
+    normal = np.cross(row, col)
+    row_spacing, col_spacing = float(s0.pixel_spacing[0]), float(s0.pixel_spacing[1])
+    _finite_rescale(slices, what)
+
+    ipps = np.asarray([s.ipp for s in slices], dtype=np.float64)
+    dist = ipps @ normal
+    order = sorted(
+        range(len(slices)),
+        key=lambda i: (round(float(dist[i]) / _POS_TOL_MM), slices[i].instance_number or 0,
+                       slices[i].file_index, slices[i].frame),
+    )
+    # group by position along the normal
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and abs(dist[i] - dist[groups[-1][0]]) <= _POS_TOL_MM:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for g in groups:
+        if len(g) > 1:
+            spread = ipps[g] - ipps[g[0]]
+            if np.abs(spread).max() > 0.05 * min(row_spacing, col_spacing) + _POS_TOL_MM:
+                raise GeometryError(
+                    f"{what}: slices at the same depth lie at different in-plane positions "
+                    "(two stacks in one series). Split the series before loading.",
+                    code="INCONSISTENT_GEOMETRY",
+                )
+
+    rows, cols = s0.rows, s0.cols
+    n_all = len(order)
+    check_declared_size((cols, rows, n_all), 4, what)
+    buf = np.empty((n_all, rows, cols), dtype=np.float32)
+    zero = read_plane(order, buf)
+    pos_of = {idx: n for n, idx in enumerate(order)}
+    zero_frames = [n for n, z in enumerate(zero) if z]
+    if zero_frames:
+        findings.append(
+            Finding(
+                "ZERO_FRAME",
+                f"{len(zero_frames)} compressed frame(s) decoded to all zeros; check the "
+                "decoder or the source images.",
+                {"count": len(zero_frames)},
+            )
+        )
+
+    # identical duplicates: keep the first of each identical set
+    removed = 0
+    dedup_groups: list[list[int]] = []
+    for g in groups:
+        kept: list[int] = []
+        for i in g:
+            if any(np.array_equal(buf[pos_of[i]], buf[pos_of[j]]) for j in kept):
+                removed += 1
+                continue
+            kept.append(i)
+        dedup_groups.append(kept)
+    if removed:
+        findings.append(
+            Finding(
+                "DUPLICATE_SLICES_REMOVED",
+                f"{removed} slice(s) identical to another at the same position were dropped.",
+                {"count": removed},
+            )
+        )
+    counts = {len(g) for g in dedup_groups}
+    t_count = 1
+    if counts != {1}:
+        if len(counts) != 1:
+            raise GeometryError(
+                f"{what}: slice positions hold different numbers of distinct images "
+                f"({sorted(counts)}); time points or phases cannot be separated safely. "
+                "Split the series before loading.",
+                code="DUPLICATE_POSITIONS",
+            )
+        dedup_groups, rule = _separate_time(dedup_groups, slices, what)
+        t_count = len(dedup_groups[0])
+        findings.append(
+            Finding(
+                "MULTIPLE_TIME_POINTS",
+                f"{t_count} images per slice position were separated by {rule} into a 4D "
+                "volume (I, J, K, T).",
+                {"n_time_points": t_count, "separated_by": rule},
+            )
+        )
+        extra["t_axis"] = rule
+
+    k_count = len(dedup_groups)
+    first = [g[0] for g in dedup_groups]
+    d = dist[first]
+    kipp = ipps[first]
+    thickness = s0.thickness
+
+    # geometry checks on unique positions
+    tilt_deg = 0.0
+    missing_mm: list[float] = []
+    irregular = False
+    if k_count >= 2:
+        span = kipp[-1] - kipp[0]
+        along = float(span @ normal)
+        inplane = span - along * normal
+        drift = float(np.linalg.norm(inplane))
+        tilt_deg = math.degrees(math.atan2(drift, abs(along))) if along != 0 else 90.0
+        if tilt_deg < _TILT_MIN_DEG or drift < 0.05 * min(row_spacing, col_spacing):
+            tilt_deg = 0.0
+        gaps = np.diff(d)
+        med = float(np.median(gaps))
+        tol = max(_SPACING_REL_TOL * med, 1e-3)
+        if np.any(np.abs(gaps - med) > tol):
+            irregular = True
+            ratios = gaps / med
+            near_int = np.abs(ratios - np.round(ratios)) <= 0.1
+            if np.all(near_int) and np.all(np.round(ratios) >= 1):
+                for n, r in enumerate(np.round(ratios).astype(int)):
+                    for m in range(1, r):
+                        missing_mm.append(round(float(d[n] + m * med), 3))
+    if missing_mm:
+        detail = {"positions_mm": missing_mm, "count": len(missing_mm),
+                  "regular_spacing_mm": round(float(np.median(np.diff(d))), 4)}
+        if strict:
+            raise MissingSlicesError(
+                f"{what}: {len(missing_mm)} slice(s) missing at {missing_mm} mm along the "
+                "slice normal. Re-export the complete series, or load without strict=True "
+                "to interpolate the gap.",
+            )
+        findings.append(
+            Finding(
+                "MISSING_SLICES",
+                f"{len(missing_mm)} slice(s) missing at {missing_mm} mm along the slice "
+                "normal; the gap was filled by linear interpolation.",
+                detail,
+            )
+        )
+    if irregular and strict:
+        raise GeometryError(
+            f"{what}: slice spacing is uneven ({float(np.diff(d).min()):.3f} to "
+            f"{float(np.diff(d).max()):.3f} mm). Load without strict=True to resample onto "
+            "a regular grid.",
+            code="UNEVEN_SPACING",
+        )
+    if tilt_deg and strict:
+        raise GeometryError(
+            f"{what}: gantry tilt of {tilt_deg:.2f} degrees (slices are sheared). Load without "
+            "strict=True to resample onto an orthogonal grid.",
+            code="GANTRY_TILT",
+        )
+
+    # pixel planes in (K, T, rows, cols) order
+    if t_count == 1 and removed == 0 and len(order) == k_count:
+        planes = buf  # already in spatial order, no copy
+    else:
+        idx = np.asarray([[pos_of[i] for i in g] for g in dedup_groups])  # (K, T)
+        planes = buf[idx.reshape(-1)].reshape(k_count, t_count, rows, cols)
+    if planes.ndim == 3:
+        planes = planes[:, None]  # (K, 1, rows, cols)
+
+    lps = np.eye(4)
+    lps[:3, 0] = row * col_spacing
+    lps[:3, 1] = col * row_spacing
+    lps[:3, 3] = kipp[0]
+    if irregular or tilt_deg:
+        targets, step = _equalized_positions(d)
+        offsets = np.stack(
+            [((kipp - kipp[0]) @ col) / row_spacing, ((kipp - kipp[0]) @ row) / col_spacing],
+            axis=1,
+        )
+        fill = float(planes.min())
+        outs = []
+        origin_px = (0, 0)
+        for t in range(t_count):
+            res, origin_px = _resample_stack(
+                np.ascontiguousarray(planes[:, t]), offsets, d - d[0], targets - d[0], fill
+            )
+            outs.append(res)
+        planes = np.stack(outs, axis=1)
+        lps[:3, 2] = normal * step
+        lps[:3, 3] = kipp[0] + origin_px[0] * col * row_spacing + origin_px[1] * row * col_spacing
+        if irregular:
+            gaps = np.diff(d)
+            findings.append(
+                Finding(
+                    "UNEVEN_SPACING_RESAMPLED",
+                    f"slice spacing varied from {float(gaps.min()):.3f} to "
+                    f"{float(gaps.max()):.3f} mm; resampled linearly onto {len(targets)} "
+                    f"slices {step:.4f} mm apart (spacing never averaged).",
+                    {"min_gap_mm": round(float(gaps.min()), 4),
+                     "max_gap_mm": round(float(gaps.max()), 4),
+                     "new_spacing_mm": round(step, 4), "n_slices": len(targets)},
+                )
+            )
+        if tilt_deg:
+            findings.append(
+                Finding(
+                    "GANTRY_TILT_RESAMPLED",
+                    f"gantry tilt of {tilt_deg:.2f} degrees; resampled linearly in world space "
+                    "onto an orthogonal grid (as dcm2niix's tilt correction).",
+                    {"tilt_deg": round(tilt_deg, 3), "n_slices": len(targets)},
+                )
+            )
+        extra["resampled"] = True
+    else:
+        if k_count >= 2:
+            lps[:3, 2] = (kipp[-1] - kipp[0]) / (k_count - 1)
+        else:
+            step = thickness if thickness and thickness > 0 else 1.0
+            lps[:3, 2] = normal * step
+    # (K, T, rows, cols) -> (I, J, K, T): a transposed view (Fortran order), no copy
+    arr = planes.transpose(3, 2, 0, 1)
+    if t_count == 1:
+        arr = arr[..., 0]
+    return arr, _lps_to_ras(lps), findings, extra
+
+
+# ======================================================================================
+# loading
+# ======================================================================================
+def _meta(ds: Dataset, info: SeriesInfo | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for tag in META_ALLOW_LIST:
+        value = ds.get(tag)
+        if value is None or value == "":
+            continue
+        meta[tag] = _json_value(value)
+    if info is not None:
+        meta["series_key"] = info.key
+        meta["study_key"] = info.study_key
+        meta["SeriesDescription"] = info.description
+        meta["n_files"] = info.n_instances
+    else:
+        meta["series_key"] = pseudonym(str(ds.get("SeriesInstanceUID", "")), prefix="se-")
+        meta["study_key"] = pseudonym(str(ds.get("StudyInstanceUID", "")), prefix="st-")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts:
+        meta["TransferSyntax"] = UID(str(ts)).name
+    return meta
+
+
+def _series_label(info: SeriesInfo) -> str:
+    return f"series {info.key} ({info.modality}, {info.n_instances} file(s))"
+
+
+def load_series(info: SeriesInfo, *, strict: bool = False) -> Volume:
+    """Load one series found by :func:`scan_dicom` into a :class:`Volume`.
+
+    ``strict=True`` refuses what the default repairs and records: missing slices
+    (``MISSING_SLICES``), uneven spacing (``UNEVEN_SPACING``), gantry tilt
+    (``GANTRY_TILT``) and pydicom read warnings.
+    """
+    headers = info._headers
+    if not headers:
+        scan = scan_dicom(info.files)
+        match = [s for s in scan.series if s.key == info.key] or scan.series
+        if not match:
+            raise NotDicomError("no DICOM image found in the given series files.")
+        headers = match[0]._headers
+    what = _series_label(info)
+    if info.is_enhanced:
+        return _load_enhanced(headers[0], info, strict=strict, what=what)
+    if info.orientation == "projection":
+        return _load_projection(headers[0], info, strict=strict, what=what)
+    return _load_stack(headers, info, strict=strict, what=what)
+
+
+def _check_mosaic(ds: Dataset, what: str) -> None:
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "MOSAIC" in image_type:
+        raise UnsupportedInputError(
+            f"{what}: Siemens mosaic images (several slices tiled in one image) are not "
+            "supported. Convert the series with dcm2niix and load the NIfTI file.",
+        )
+
+
+def _load_stack(
+    headers: Sequence[_FileHeader], info: SeriesInfo, *, strict: bool, what: str
+) -> Volume:
+    ds0 = headers[0].ds
+    _check_mosaic(ds0, what)
+    slices: list[_Slice] = []
+    for n, h in enumerate(headers):
+        if h.n_frames > 1:
+            raise UnsupportedInputError(
+                f"{what}: a multi-frame file without per-frame geometry cannot be stacked. "
+                "Convert it to single-frame or enhanced DICOM.",
+            )
+        slices.extend(_slices_from_header(h, n))
+    total = sum(s.rows * s.cols for s in slices)
+    check_declared_size((total,), 4, what)
+    compressed_zero: list[bool] = []
+
+    def read_plane(indices: list[int], out: np.ndarray) -> list[bool]:
+        compressed_zero.clear()
+        for n, i in enumerate(indices):
+            s = slices[i]
+            h = headers[s.file_index]
+            stored, compressed = _read_stored(h, f"{what}, file #{s.file_index + 1}",
+                                              strict=strict)
+            plane = stored[s.frame]
+            if plane.shape != (s.rows, s.cols):
+                raise CorruptFileError(f"{what}: a decoded slice has the wrong size.")
+            dst = out[n]
+            if s.slope == 1.0:
+                np.copyto(dst, plane, casting="unsafe")
+            else:
+                np.multiply(plane, np.float32(s.slope), out=dst, casting="unsafe")
+            if s.intercept != 0.0:
+                dst += np.float32(s.intercept)
+            compressed_zero.append(bool(compressed and not plane.any()))
+        return list(compressed_zero)
+
+    arr, affine, findings, extra = _assemble_stack(
+        slices, read_plane, strict=strict, what=what, modality=info.modality
+    )
+    meta = _meta(ds0, info)
+    meta.update(extra)
+    return Volume(array=arr, affine=affine, modality=info.modality, meta=meta,
+                  issues=tuple(findings))
+
+
+def _full_header(h: _FileHeader, what: str) -> Dataset:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(str(h.path), stop_before_pixels=True,
+                                   force=_sniff(h.path) == "raw")
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptFileError(
+            f"{what}: the header cannot be parsed ({type(exc).__name__}). {_TRUNC_FIX}",
+        ) from None
+
+
+def _load_enhanced(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
+    ds = _full_header(h, what)
+    slices = _slices_from_enhanced(ds, what)
+    stored_cache: dict[str, Any] = {}
+
+    def read_plane(indices: list[int], out: np.ndarray) -> list[bool]:
+        stored, compressed = _read_stored(h, what, strict=strict)
+        stored_cache["c"] = compressed
+        zeros = []
+        for n, i in enumerate(indices):
+            s = slices[i]
+            plane = stored[s.frame]
+            np.multiply(plane, np.float32(s.slope), out=out[n], casting="unsafe")
+            if s.intercept != 0.0:
+                out[n] += np.float32(s.intercept)
+            zeros.append(bool(compressed and not plane.any()))
+        return zeros
+
+    arr, affine, findings, extra = _assemble_stack(
+        slices, read_plane, strict=strict, what=what, modality=info.modality
+    )
+    meta = _meta(ds, info)
+    meta.update(extra)
+    meta["enhanced"] = True
+    return Volume(array=arr, affine=affine, modality=info.modality, meta=meta,
+                  issues=tuple(findings))
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 VOI window to [0, 1]."""
+    function = function.upper()
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        y = (x - center) / width + 0.5
+    else:
+        if width < 1:
+            width = 1.0
+        y = (x - (center - 0.5)) / (width - 1.0) + 0.5
+    return np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
+    """A radiograph: modality LUT, VOI (LUT, else window, else full stored range) to
+    [0, 1], then MONOCHROME1 inverted so that dense is bright. K = 1; frames go to T."""
+    ds = h.ds
+    findings: list[Finding] = []
+    stored, compressed = _read_stored(h, what, strict=strict)
+    frames = stored.astype(np.float32)
+    slope = _float(ds.get("RescaleSlope"), 1.0) or 1.0
+    intercept = _float(ds.get("RescaleIntercept"), 0.0) or 0.0
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise InvalidValuesError(
+            f"{what}: RescaleSlope/RescaleIntercept is NaN or infinite. Fix the header.",
+        )
+    if compressed:
+        zeros = [f for f in range(stored.shape[0]) if not stored[f].any()]
+        if zeros:
+            findings.append(Finding("ZERO_FRAME", f"{len(zeros)} frame(s) decoded to all zeros.",
+                                    {"count": len(zeros)}))
+    values = frames * np.float32(slope) + np.float32(intercept)
+    meta_extra: dict[str, Any] = {}
+    voi_seq = ds.get("VOILUTSequence")
+    centers = _floats(ds.get("WindowCenter"))
+    widths = _floats(ds.get("WindowWidth"))
+    if voi_seq:
+        item = voi_seq[0]
+        desc = [int(v) for v in item.LUTDescriptor]
+        n_entries = desc[0] or 65536
+        first = desc[1]
+        bits = desc[2]
+        lut_raw = item.get("LUTData")
+        if isinstance(lut_raw, (bytes, bytearray)):
+            lut = np.frombuffer(lut_raw, dtype="<u2" if bits > 8 else "<u2")[:n_entries]
+        else:
+            lut = np.asarray(lut_raw, dtype=np.float64)[:n_entries]
+        lut = lut.astype(np.float32)
+        index = np.clip(np.rint(values - first), 0, len(lut) - 1).astype(np.int64)
+        values = lut[index] / np.float32((1 << bits) - 1 if bits > 0 else 1)
+        meta_extra["voi"] = "lut"
+    elif centers and widths:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        values = _window(values, centers[0], widths[0], function)
+        meta_extra["voi"] = "window"
+        meta_extra["window"] = [centers[0], widths[0]]
+    else:
+        bits_stored = _int(ds.get("BitsStored"), 16) or 16
+        signed = (_int(ds.get("PixelRepresentation"), 0) or 0) == 1
+        lo = -(1 << (bits_stored - 1)) if signed else 0
+        hi = (1 << (bits_stored - 1)) - 1 if signed else (1 << bits_stored) - 1
+        a, b = lo * slope + intercept, hi * slope + intercept
+        lo_v, hi_v = min(a, b), max(a, b)
+        values = np.clip((values - lo_v) / max(hi_v - lo_v, 1e-12), 0.0, 1.0).astype(np.float32)
+        meta_extra["voi"] = "none (full stored range)"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "MONOCHROME1":
+        values = np.float32(1.0) - values
+        findings.append(
+            Finding(
+                "MONOCHROME1_INVERTED",
+                "MONOCHROME1 image inverted after the VOI step so that dense is bright.",
+                {},
+            )
+        )
+        meta_extra["inverted"] = True
+    elif photometric != "MONOCHROME2":
+        raise UnsupportedInputError(
+            f"{what}: PhotometricInterpretation {photometric} is not supported for "
+            "radiographs; expected MONOCHROME1 or MONOCHROME2.",
+        )
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    if spacing is None or min(spacing) <= 0:
+        spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
+        if spacing is not None and min(spacing) > 0:
+            findings.append(
+                Finding(
+                    "IMAGER_PIXEL_SPACING",
+                    "PixelSpacing absent; ImagerPixelSpacing (at the detector, not corrected "
+                    "for magnification) was used.",
+                    {},
+                )
+            )
+            meta_extra["spacing_source"] = "ImagerPixelSpacing"
+        else:
+            spacing = (1.0, 1.0)
+            findings.append(
+                Finding("NO_PIXEL_SPACING", "no pixel spacing in the header; 1 mm assumed.", {})
+            )
+            meta_extra["spacing_source"] = "none"
+    else:
+        meta_extra["spacing_source"] = "PixelSpacing"
+    row_spacing, col_spacing = float(spacing[0]), float(spacing[1])
+    # Projection convention: i runs to the patient's left, j downwards (towards the feet),
+    # k is the (unit) beam axis; there is no patient position for a radiograph.
+    lps = np.eye(4)
+    lps[:3, 0] = (col_spacing, 0.0, 0.0)
+    lps[:3, 1] = (0.0, 0.0, -row_spacing)
+    lps[:3, 2] = (0.0, 1.0, 0.0)
+    arr = values.transpose(2, 1, 0)[:, :, None, :]  # (I, J, 1, F)
+    if arr.shape[3] == 1:
+        arr = arr[..., 0]
+    else:
+        findings.append(Finding("MULTI_FRAME", f"{arr.shape[3]} frames returned along T.",
+                                {"n_frames": int(arr.shape[3])}))
+    meta = _meta(ds, info)
+    meta.update(meta_extra)
+    meta["PhotometricInterpretation"] = photometric
+    return Volume(array=np.ascontiguousarray(arr, dtype=np.float32), affine=_lps_to_ras(lps),
+                  modality=info.modality, meta=meta, issues=tuple(findings))
+
+
+def load_dicom_file(path: str | Path, *, strict: bool = False) -> Volume:
+    """Load one DICOM file: a radiograph (CR/DX/DR, single- or multi-frame), an enhanced
+    multi-frame CT/MR, or a lone cross-sectional slice (K = 1)."""
+    path = Path(path)
+    header, reason = _read_header(path)
+    if header is None:
+        if reason == "no pixel data":
+            raise NotDicomError("the DICOM file holds no image (no pixel data).")
+        if reason == "DICOMDIR":
+            raise NotDicomError("the file is a DICOMDIR index; load its folder instead.")
+        raise NotDicomError(
+            "the file is not a readable DICOM image (no DICM marker or unreadable header). "
+            "Pass a DICOM image, a folder of DICOM files, or a .nii/.nii.gz file.",
+        )
+    _check_header_size(header, "DICOM file")
+    series_uid = str(header.ds.get("SeriesInstanceUID", "") or "single-file")
+    info = _make_info(series_uid, [header], key_source=series_uid)
+    return load_series(info, strict=strict)
+
+
+def describe_error(error: MedfusionError) -> dict[str, str]:
+    """A PHI-free dict for an error (code and message)."""
+    return {"code": error.code, "message": error.message}
