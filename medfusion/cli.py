@@ -163,6 +163,57 @@ def score(
     raise typer.Exit(code=summary.exit_code)
 
 
+@app.command()
+def report(
+    scores: Path = typer.Option(..., "--scores", help="scores.csv written by `medfusion score`."),
+    labels: Path = typer.Option(
+        ..., "--labels", help="CSV with study_id, label [, patient_id, subgroup columns]."
+    ),
+    out: Path = typer.Option(..., "--out", help="Report folder (report.html, report.json)."),
+    subgroups: str = typer.Option("", "--subgroups", help="Comma-separated labels.csv columns."),
+    compare: Optional[Path] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--compare", help="Another scores.csv to compare with (paired DeLong)."
+    ),
+    model: Optional[Path] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--model", help="Model folder: its model.json becomes the model card."
+    ),
+    saliency: Optional[Path] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--saliency", help="Saliency folder (default: saliency/ next to scores.csv)."
+    ),
+    positive_label: Optional[str] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--positive-label", help="Positive class (default: the second label)."
+    ),
+    threshold: Optional[float] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--threshold", help="Decision threshold on the positive class (default 0.5)."
+    ),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap replicates."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Validation report of a scored batch: report.html (self-contained) and report.json."""
+    from medfusion.report.builder import validation_report
+
+    try:
+        result = validation_report(
+            scores, labels, out, subgroups=[s for s in subgroups.split(",") if s.strip()],
+            compare=compare, model_dir=model, saliency_dir=saliency,
+            positive_label=positive_label, threshold=threshold, n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+    except MedfusionError as error:
+        _fail(error)
+        return
+    auroc = result["auroc"]
+
+    def fmt(x: object) -> str:
+        return f"{x:.3f}" if isinstance(x, float) else "n/a"
+
+    console.print(
+        f"{result['n']} studies: AUROC {fmt(auroc['value'])} "
+        f"[{fmt(auroc['ci_low'])}, {fmt(auroc['ci_high'])}]; report written to "
+        f"{Path(out) / 'report.html'} and report.json"
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # noqa: UP045 - typer needs Optional
     app(args=argv)
 

@@ -121,8 +121,9 @@ def _replicates(
     for w in M.bootstrap_weights(clusters, n_bootstrap, seed):
         total = w.sum(axis=1)
         for k, (y, p, ranked, sq) in prepared.items():
-            add(f"auroc/{k}", M.weighted_auroc(ranked, w))
-            add(f"auprc/{k}", M.weighted_average_precision(ranked, w))
+            grouped = ranked.grouped(w)  # shared by AUROC and AP
+            add(f"auroc/{k}", M.weighted_auroc(ranked, w, grouped))
+            add(f"auprc/{k}", M.weighted_average_precision(ranked, w, grouped))
             add(f"brier/{k}", (w @ sq) / total)
             add(f"ece/{k}", M.weighted_ece(y, p, w))
         if multiclass:

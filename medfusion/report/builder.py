@@ -381,6 +381,9 @@ def validation_report(
         comparison = compare_scores(probs[keep], probs_b, y[keep], task, clusters=clusters[keep],
                                 n_bootstrap=n_bootstrap, seed=(seed, 2))
         comparison["n_unmatched"] = int(len(ids) - len(keep))
+        if comparison["n_unmatched"]:
+            notes.append(f"comparison: {comparison['n_unmatched']} analysed studies are not in "
+                         "the comparison scores; the comparison uses the matched studies only.")
         notes.extend(other.notes)
 
     failures = I.read_failures(scores_path.parent / "failures.csv")

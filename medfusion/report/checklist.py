@@ -52,9 +52,15 @@ def _missing(r: dict[str, Any]) -> str:
 
 def _performance(r: dict[str, Any]) -> str:
     a = r["auroc"]
+    d = a.get("delong") or {}
+    delong = (
+        f"DeLong {_fmt(d.get('ci_low'))}-{_fmt(d.get('ci_high'))}"
+        if d.get("ci_low") is not None
+        else "DeLong per class"
+    )
     return (
         f"AUROC {_fmt(a['value'])} (95% CI {_fmt(a['ci_low'])}-{_fmt(a['ci_high'])}, "
-        f"patient bootstrap; DeLong per class), AUPRC {_fmt(r['auprc']['value'])}, Brier "
+        f"patient bootstrap; {delong}), AUPRC {_fmt(r['auprc']['value'])}, Brier "
         f"{_fmt(r['brier'])}, ECE {_fmt(r['ece'])}, calibration slope "
         f"{_fmt(r['calibration']['slope'])}, sensitivity {_fmt(r['sensitivity']['value'])}, "
         f"specificity {_fmt(r['specificity']['value'])} at {r['decision_rule']}."
@@ -96,7 +102,10 @@ def _software(r: dict[str, Any]) -> str:
 
 
 def _threshold(r: dict[str, Any]) -> str:
-    return f"Decision rule: {r['decision_rule']} (set before looking at these results?)."
+    return (
+        f"Decision rule: {r['decision_rule']}. Whether it was fixed before these data were "
+        "seen must be stated by an author."
+    )
 
 
 def _comparison(r: dict[str, Any]) -> str | None:

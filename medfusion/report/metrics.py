@@ -47,7 +47,8 @@ def wilson_interval(successes: int, n: int, level: float = LEVEL) -> tuple[float
     denom = 1.0 + z * z / n
     centre = (phat + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Clamp so rounding never puts the estimate outside its own interval.
+    return max(0.0, min(centre - half, phat)), min(1.0, max(centre + half, phat))
 
 
 def proportion(successes: int, n: int, level: float = LEVEL) -> dict[str, float]:
@@ -204,9 +205,11 @@ class _Ranked:
         return pos, neg
 
 
-def weighted_auroc(ranked: _Ranked, w: np.ndarray) -> np.ndarray:
+def weighted_auroc(
+    ranked: _Ranked, w: np.ndarray, grouped: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """AUROC for each weight row: P(score_pos > score_neg) + 0.5 P(tie), weighted."""
-    pos, neg = ranked.grouped(w)
+    pos, neg = grouped if grouped is not None else ranked.grouped(w)
     below = np.cumsum(neg, axis=1) - neg
     num = (pos * (below + 0.5 * neg)).sum(axis=1)
     den = pos.sum(axis=1) * neg.sum(axis=1)
@@ -214,9 +217,11 @@ def weighted_auroc(ranked: _Ranked, w: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def weighted_average_precision(ranked: _Ranked, w: np.ndarray) -> np.ndarray:
+def weighted_average_precision(
+    ranked: _Ranked, w: np.ndarray, grouped: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """Average precision for each weight row (the step-wise sum scikit-learn uses)."""
-    pos, neg = ranked.grouped(w)
+    pos, neg = grouped if grouped is not None else ranked.grouped(w)
     pos, neg = pos[:, ::-1], neg[:, ::-1]  # descending thresholds
     tp = np.cumsum(pos, axis=1)
     fp = np.cumsum(neg, axis=1)

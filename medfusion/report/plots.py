@@ -70,8 +70,9 @@ def reliability_plot(table: Sequence[dict], title: str, xlabel: str) -> str:
         y = np.array([r["observed"] for r in table])
         low = np.array([r["observed_ci_low"] for r in table])
         high = np.array([r["observed_ci_high"] for r in table])
-        ax.errorbar(x, y, yerr=[y - low, high - y], fmt="o-", color=_COLOURS[0], capsize=2,
-                    markersize=4, label="observed (95% CI)")
+        yerr = [np.clip(y - low, 0, None), np.clip(high - y, 0, None)]
+        ax.errorbar(x, y, yerr=yerr, fmt="o-", color=_COLOURS[0], capsize=2, markersize=4,
+                    label="observed (95% CI)")
         centres = [(r["bin_low"] + r["bin_high"]) / 2 for r in table]
         hist.bar(centres, [r["n"] for r in table], width=0.09, color=_COLOURS[0], alpha=0.6)
     ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="observed frequency", title=title)
@@ -122,5 +123,7 @@ def forest_plot(rows: Sequence[tuple[str, float, float, float, int]], overall: f
         ax.legend(loc="lower left", fontsize=7)
     ax.axvline(0.5, color="#999999", linestyle=":", linewidth=0.8)
     ax.set_yticks(ys, [f"{name} (n={n})" for name, _, _, _, n in rows], fontsize=7)
-    ax.set(xlim=(0, 1), xlabel="AUROC (95% CI)", title="AUROC by subgroup")
+    lows = [r[2] for r in rows if math.isfinite(r[2])] + [r[1] for r in rows if math.isfinite(r[1])]
+    left = max(0.0, min(0.5, min(lows, default=0.5) - 0.05))
+    ax.set(xlim=(left, 1), xlabel="AUROC (95% CI)", title="AUROC by subgroup")
     return to_data_uri(fig)
