@@ -15,8 +15,10 @@ Geometry (RAS+ mm, nibabel convention, as ``Volume.affine``):
 * CT and MR are axial, as a DICOM series with ImageOrientationPatient ``[1,0,0, 0,1,0]``
   loads: array axis i runs to the patient's left, j to posterior, k to superior, so the
   affine is ``diag(-di, -dj, +dk)`` plus an origin that centres the field of view on world 0.
-* The radiograph has K = 1 and the same in-plane convention (i to the left, j along the
-  image columns), spacing 0.6 mm; its ``lesion_world`` is in its own frame (its affine).
+* The radiograph (K = 1, 0.6 mm) is a frontal projection in the projection frame that
+  medfusion's DICOM reader returns: i to the patient's left, j towards the feet, k along
+  the beam, origin at the first pixel. Its ``lesion_world`` is in that frame, not the
+  CT/MR one (a projection has no patient position).
 
 Everything is a pure function of ``seed`` (numpy PCG64), so files written twice are
 byte-identical (DICOM UIDs are derived from the seed, NIfTI gzip has mtime 0).
@@ -56,9 +58,11 @@ MR_SPACING = (1.2, 1.2, 3.0)
 class SyntheticSubject:
     """One synthetic subject: images per role, where the lesion is, and a clinical record.
 
-    ``arrays[role]`` is float32 (I, J, K) holding integer-valued intensities (CT in HU, MR
-    in scanner units, the radiograph as stored pixel values, K = 1), exactly what a loader
-    should return after writing. ``affines[role]`` is the 4x4 voxel-to-RAS+ mm matrix.
+    ``arrays[role]`` is float32 (I, J, K) holding integer-valued intensities: CT in HU and
+    MR in scanner units (exactly what the loaders return after writing), the radiograph as
+    stored 12-bit pixel values (K = 1; the DICOM reader maps it to [0, 1] by the full
+    stored range, i.e. ``value / 4095``, when no VOI window is set, as here).
+    ``affines[role]`` is the 4x4 voxel-to-RAS+ mm matrix the loaders return.
     ``lesion_world[role]`` is the lesion centre in world mm (None for a normal subject) and
     ``lesion_voxel[role]`` the same point in (fractional) voxel indices.
     """
@@ -96,6 +100,15 @@ class CohortPaths:
     study_ids: tuple[str, ...]
     images: Mapping[str, Mapping[str, Path]]
     subjects_labels: Mapping[str, str]
+    subject_seeds: Mapping[str, int] = field(default_factory=dict)
+
+    def subject(self, study_id: str) -> SyntheticSubject:
+        """Recompute the study's subject (arrays, affines, lesion) without reading files.
+        Only valid for cohorts written with the default ``subject_kwargs``."""
+        label = 1 if self.subjects_labels[study_id] == self.label_names[1] else 0
+        return make_subject(self.subject_seeds[study_id], label)
+
+    label_names: tuple[str, str] = ("normal", "abnormal")
 
     def study_dir(self, study_id: str) -> Path:
         return self.studies_dir / study_id
@@ -211,17 +224,22 @@ def make_subject(
     # ---- radiograph: frontal projection (i to the left = world x, j down = -world z) ----
     xi, xj = xray_shape
     sx, sy = XRAY_SPACING
-    x_affine = axial_affine((xi, xj, 1), (sx, sy, 1.0))
+    centred = axial_affine((xi, xj, 1), (sx, sy, 1.0))  # to place the projection
+    # The radiograph's own frame, as medfusion's DICOM reader returns projections: i to the
+    # patient's left, j towards the feet, k along the beam, origin at the first pixel.
+    x_affine = np.array(
+        [[-sx, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [0.0, -sy, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
     ii, jj = np.meshgrid(np.arange(xi, dtype=np.float64), np.arange(xj, dtype=np.float64),
                          indexing="ij")
-    wx = _to_world(x_affine, np.zeros(3))[0] - ii * sx  # world x of column i (RAS: left is -)
+    wx = centred[0, 3] - ii * sx  # subject world x of column i (RAS: left is -)
     wz = (jj - (xj - 1) / 2.0) * -sy  # image rows run from head (top) to feet
     thickness = np.sqrt(np.clip(1.0 - (wx / half_x) ** 2, 0.0, None))  # chord through body
     xr = 300.0 + 1400.0 * thickness
     xr += 250.0 * (np.cos(wz / 3.0) > 0.7) * thickness  # ribs
     x_lesion_voxel = None
     if has_lesion:
-        li = (x_affine[0, 3] - centre[0]) / sx
+        li = (centred[0, 3] - centre[0]) / sx
         lj = (xj - 1) / 2.0 - centre[2] / sy
         x_lesion_voxel = np.array([li, lj, 0.0])
         dist2 = ((ii - li) * sx) ** 2 + ((jj - lj) * sy) ** 2
@@ -397,11 +415,13 @@ def write_cohort(
     truth: dict[str, Any] = {}
     images: dict[str, dict[str, Path]] = {}
     label_of: dict[str, str] = {}
+    seeds: dict[str, int] = {}
     study_ids: list[str] = []
     for n in range(n_studies):
         sid = f"study-{n:0{width}d}"
         study_ids.append(sid)
         subj_seed = int(seed) * 100_003 + n
+        seeds[sid] = subj_seed
         subject = make_subject(subj_seed, labels[n], **dict(subject_kwargs or {}))
         # sex belongs to the patient, not the study: patients with two studies agree.
         patient_sex = "F" if np.random.default_rng([int(seed), patients[n]]).random() < 0.5 else "M"
@@ -444,6 +464,7 @@ def write_cohort(
         label_rows.append([sid, label, patient_id, site, subject.clinical["sex"]])
         truth[sid] = {
             "label": label,
+            "subject_seed": subj_seed,
             "lesion_radius_mm": subject.lesion_radius_mm,
             "lesion_world": {r: subject.lesion_world[r] for r in present},
             "lesion_voxel": {r: subject.lesion_voxel[r] for r in present},
@@ -480,4 +501,6 @@ def write_cohort(
         study_ids=tuple(study_ids),
         images=images,
         subjects_labels=label_of,
+        subject_seeds=seeds,
+        label_names=tuple(label_names),  # type: ignore[arg-type]
     )
