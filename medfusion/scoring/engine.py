@@ -211,7 +211,9 @@ def _write_saliency_fallback(explanation: Any, folder: Path) -> dict[str, str]:
     return written
 
 
-def write_saliency(out: Path, study_id: str, key: str, explanation: Any) -> dict[str, str]:
+def write_saliency(
+    out: Path, study_id: str, explanation: Any, images: Mapping[str, Any] | None = None
+) -> dict[str, str]:
     """Write one study's saliency to ``OUT/saliency/<study_id>/`` in one atomic rename.
 
     Paths come only from the study id (or its pseudonym when the id is not a plain name)
@@ -220,27 +222,24 @@ def write_saliency(out: Path, study_id: str, key: str, explanation: Any) -> dict
     if explanation is None or not getattr(explanation, "saliency", None):
         return {}
     sal_root = out / O.SALIENCY
-    sal_root.mkdir(exist_ok=True)
+    staging = sal_root / ".staging"  # hidden: never mistaken for a study's folder
+    staging.mkdir(parents=True, exist_ok=True)
     folder_name = O.safe_component(study_id, prefix="st-")
     final = O.path_under(sal_root, folder_name)
-    tmp = O.path_under(sal_root, f".tmp-{key}")
+    tmp = O.path_under(staging, folder_name)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        from medfusion.explain import write_explanation  # engineer E's writer
-    except ImportError:
-        write_explanation = None
-    if write_explanation is not None:
-        result = write_explanation(explanation, tmp, key)
+        from medfusion.explain.export import write_explanation
+    except ImportError:  # explanations not installed: the temporary writer below
+        tmp.mkdir()
+        written = _write_saliency_fallback(explanation, tmp)
+    else:
+        paths = write_explanation(explanation, staging, folder_name, images=images)
         written = {}
         for role in sorted(explanation.saliency):
-            name = O.safe_component(str(role), prefix="r-")
-            candidates = sorted(tmp.rglob(f"{name}.nii.gz"))
-            if candidates:
-                written[str(role)] = candidates[0].relative_to(tmp).as_posix()
-        del result
-    else:
-        written = _write_saliency_fallback(explanation, tmp)
+            path = paths.get(f"{role}.nii.gz")
+            if path is not None:
+                written[str(role)] = Path(path).name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -310,7 +309,7 @@ def _read_clinical(path: str | os.PathLike[str], scorer: Scorer) -> dict[str, di
     """Clinical rows keyed by ``study_id`` (engineer B's reader, with the model's schema)."""
     from medfusion.io.clinical import read_clinical_csv
 
-    schema = getattr(scorer, "clinical_schema", None)
+    schema = getattr(scorer, "clinical_schema", None) or None
     table = read_clinical_csv(path, schema=schema, id_column="study_id")
     if isinstance(table, Mapping):
         return {str(k): dict(v) if v is not None else {} for k, v in table.items()}
@@ -561,12 +560,20 @@ def _predict_record(
             pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha)
             timings["predict_s"] = round(time.perf_counter() - t0, 4)
             stage = "explain"
-            saliency = (write_saliency(out, ref.study_id, ref.key, pred.explanation)
-                        if explain else None)
+            saliency = None
+            if explain:
+                sources = getattr(record["prepared"], "sources", None) or None
+                saliency = write_saliency(out, ref.study_id, pred.explanation, sources)
         flags = [FLAG_NO_CLINICAL] if no_clinical else []
         row = prediction_row(ref.study_id, pred, labels, modalities, flags, saliency)
     except OutputError:
         raise  # the disk, not the study: stop (resume later)
+    except OSError as error:
+        raise OutputError(
+            f"writing saliency failed ({error.strerror}); free space, then run again with "
+            "--resume",
+            code="OUTPUT_WRITE_FAILED",
+        ) from None
     except Exception as error:  # noqa: BLE001 - one bad study never stops the batch
         fail = failure(ref, stage, error)
         base.update(status="failed", failure=fail, stage=stage, code=fail["code"],

@@ -162,9 +162,8 @@ def prepare_output_dir(out_dir: str | os.PathLike[str], *, resume: bool) -> Path
     for stale in out.glob("*.tmp-*"):  # half-written snapshots of a killed run
         stale.unlink(missing_ok=True)
     sal = out / SALIENCY
-    if sal.is_dir():
-        for stale in sal.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    if sal.is_dir():  # saliency of a study killed half-way through writing
+        shutil.rmtree(sal / ".staging", ignore_errors=True)
     return out
 
 
