@@ -245,7 +245,7 @@ def test_no_identifier_in_meta_issues_summaries_or_errors(tmp_path: Path):
     _assert_clean(str(err2.value))
     bad = study / "x" / f"{SENTINEL_FILE_STEM}.dcm"
     bad.parent.mkdir()
-    shutil.copy(next(iter_files(study / "ct")), bad)
+    shutil.copy(iter_files(study / "ct" / "more")[0], bad)
     truncate_file(bad, remove_bytes=64)
     with pytest.raises(MedfusionError) as err3:
         load_volume(bad)
