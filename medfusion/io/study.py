@@ -267,16 +267,16 @@ class StudyPlan:
     unassigned: list[Candidate]
     study_keys: list[str]
     skipped: list[tuple[Path, str]]
-    n_dicom_skipped: int
+    dicom_skipped: list[tuple[Path, str]]
 
 
-def _scan(dicom_files: list[Path]) -> tuple[list[Any], int]:
+def _scan(dicom_files: list[Path]) -> tuple[list[Any], list[tuple[Path, str]]]:
     if not dicom_files:
-        return [], 0
+        return [], []
     from medfusion.io.dicom import scan_dicom
 
     scan = scan_dicom(dicom_files)
-    return list(scan.series), len(getattr(scan, "skipped", ()) or ())
+    return list(scan.series), list(getattr(scan, "skipped", ()) or ())
 
 
 def plan_study(folder: str | Path, *, roles: Mapping[str, Any] | None = None) -> StudyPlan:
@@ -284,7 +284,7 @@ def plan_study(folder: str | Path, *, roles: Mapping[str, Any] | None = None) ->
     root = Path(folder)
     role_map = _normalise_roles(roles)
     dicom_files, nifti_files, skipped = discover_study_files(root)
-    series, n_dicom_skipped = _scan(dicom_files)
+    series, dicom_skipped = _scan(dicom_files)
     candidates: dict[str, list[Candidate]] = {role: [] for role in role_map}
     unassigned: list[Candidate] = []
     study_keys: list[str] = []
@@ -329,7 +329,7 @@ def plan_study(folder: str | Path, *, roles: Mapping[str, Any] | None = None) ->
             # Role from the header's modality word: needs the header, read lazily below.
             unassigned.append(cand)
     return StudyPlan(root, role_map, candidates, unassigned, sorted(study_keys), skipped,
-                     n_dicom_skipped)
+                     dicom_skipped)
 
 
 def _load(cand: Candidate, strict: bool) -> Volume:
@@ -418,6 +418,9 @@ def load_study(
         vol = loaded.get(chosen.key) or _load(chosen, strict)
         if chosen.source == "nifti" and vol.modality == "unknown" and role in _ROLE_MODALITY:
             vol = vol.replace(modality=_ROLE_MODALITY[role])  # the file name states it
+        # Which image filled the role, by pseudonymous key (for inspect and logs).
+        vol = vol.replace(meta={**dict(vol.meta), "source": chosen.source,
+                                "series_key": chosen.key})
         volumes[role] = vol
         for finding in vol.issues:
             issues.append(Finding(finding.code, finding.message,
@@ -434,13 +437,14 @@ def load_study(
             "the same patient and visit.",
             {"n_studies": len(plan.study_keys)},
         ))
-    n_skipped = len(plan.skipped) + plan.n_dicom_skipped
+    n_skipped = len(plan.skipped) + len(plan.dicom_skipped)
     if n_skipped:
         reasons: dict[str, int] = {}
         for _, reason in plan.skipped:
             reasons[reason] = reasons.get(reason, 0) + 1
-        if plan.n_dicom_skipped:
-            reasons["NOT_DICOM"] = plan.n_dicom_skipped
+        for _, reason in plan.dicom_skipped:  # the DICOM reader's words ("not DICOM", ...)
+            code = reason.upper().replace(" ", "_")
+            reasons[code] = reasons.get(code, 0) + 1
         issues.append(Finding("FILES_SKIPPED", f"{n_skipped} file(s) were not images and were "
                                                "skipped.", {"counts": reasons}))
     return Study(

@@ -1,0 +1,224 @@
+"""``medfusion inspect PATH``: what was found, PHI-free, as JSON-able dict and a rich table.
+
+``PATH`` may be
+
+* a file (NIfTI, or one DICOM image such as a radiograph): reported as one entry;
+* a study folder (images anywhere below it, DICOM series and/or NIfTI): one study, loaded
+  with :func:`medfusion.io.study.load_study`;
+* a folder of study folders (e.g. a batch root): one entry per study. A folder is treated
+  as one study when it holds images directly, or when all its image subfolders carry the
+  same DICOM StudyInstanceUID (series split into subfolders); a folder whose only image
+  subfolder is one folder is looked into. Otherwise each image subfolder is a study.
+
+Nothing identifying is reported: studies by their pseudonymous ``key`` (a digest of the
+StudyInstanceUID) and ``folder_key`` (a digest of the folder name, the same key
+``medfusion score`` uses for that folder), series by ``se-``/``nii-`` keys, the input by a
+``path-`` digest. In a collection, a study that fails to load becomes an entry with its
+error code and message; a single study or file that fails raises the error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medfusion.errors import MedfusionError, NoImagesError
+from medfusion.io.keys import pseudonym
+from medfusion.io.study import discover_study_files, load_study
+from medfusion.types import Finding, Volume
+
+__all__ = ["inspect_path", "render_inspection", "find_study_folders"]
+
+_ROLE_OF_MODALITY = {"CT": "ct", "MR": "mr", "CR": "xray", "DX": "xray", "DR": "xray",
+                     "MG": "xray"}
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types only (numpy scalars, tuples and mappings converted)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy scalar
+        return value.item()
+    return str(value)
+
+
+def _volume_entry(vol: Volume) -> dict[str, Any]:
+    summary = vol.summary()
+    summary.pop("issues", None)  # reported once, at study level, with their role
+    for key in ("source", "series_key"):
+        if key in vol.meta:
+            summary[key] = vol.meta[key]
+    return summary
+
+
+def _issues(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    return [_jsonable(f.to_dict()) for f in findings]
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_study_key(files: Sequence[Path]) -> str | None:
+    """The DICOM study key of the first readable image among a few files (header only)."""
+    from medfusion.io.dicom import scan_dicom
+
+    for path in files[:5]:
+        try:
+            scan = scan_dicom([path])
+        except MedfusionError:
+            continue
+        if scan.series:
+            return str(scan.series[0].study_key)
+    return None
+
+
+def find_study_folders(root: str | Path) -> tuple[str, list[Path]]:
+    """``("study", [root])`` or ``("collection", [study folders...])`` (see module doc)."""
+    folder = Path(root)
+    dicom, nifti, _skipped = discover_study_files(folder)
+    images = dicom + nifti
+    if not images:
+        raise NoImagesError(
+            "no DICOM or NIfTI file under this folder; check the path (hidden files, "
+            "text/CSV files and links leaving the folder are ignored)."
+        )
+    if any(p.parent == folder for p in images):
+        return "study", [folder]
+    subdirs = sorted({folder / p.relative_to(folder).parts[0] for p in images})
+    if len(subdirs) == 1:
+        return find_study_folders(subdirs[0])
+    keys: set[str | None] = set()
+    for sub in subdirs:
+        files = [p for p in images if _within(p, sub)]
+        if any(p in nifti for p in files):
+            keys.add(None)  # a NIfTI folder is its own study
+            keys.add(str(sub))
+            continue
+        keys.add(_first_study_key(sorted(files)))
+    if len(keys) == 1 and None not in keys:
+        return "study", [folder]
+    return "collection", subdirs
+
+
+def _study_entry(folder: Path) -> dict[str, Any]:
+    study = load_study(folder)
+    return {
+        "key": study.key,
+        "folder_key": pseudonym(folder.name, prefix="st-"),
+        "roles": {role: _volume_entry(study.volumes[role]) for role in study.roles},
+        "issues": _issues(study.issues),
+    }
+
+
+def inspect_path(path: str | Path) -> dict[str, Any]:
+    """Inspect a file, a study folder or a folder of studies; return a PHI-free dict.
+
+    Keys: ``input`` (a ``path-`` digest), ``kind`` (``file``/``study``/``collection``),
+    ``n_studies``, ``n_failed`` and ``studies``: a list of entries with ``key``,
+    ``folder_key``, ``roles`` (role -> modality, shape, spacing, orientation, source,
+    series_key) and ``issues`` (code, message, details), or ``error`` (code, message).
+    """
+    p = Path(path)
+    report: dict[str, Any] = {
+        "input": pseudonym(os.path.abspath(p), prefix="path-"),
+        "kind": "file",
+        "n_studies": 0,
+        "n_failed": 0,
+        "studies": [],
+    }
+    if not p.exists():
+        raise NoImagesError("the given path does not exist; check it and try again.")
+    if p.is_file():
+        from medfusion.io.volume import load_volume
+
+        vol = load_volume(p)
+        role = _ROLE_OF_MODALITY.get(vol.modality, "image")
+        report["studies"] = [{
+            "key": pseudonym(os.path.abspath(p), prefix="file-"),
+            "folder_key": None,
+            "roles": {role: _volume_entry(vol)},
+            "issues": _issues([Finding(f.code, f.message, {**dict(f.details), "role": role})
+                               for f in vol.issues]),
+        }]
+        report["n_studies"] = 1
+        return _jsonable(report)
+    kind, folders = find_study_folders(p)
+    report["kind"] = kind
+    for folder in folders:
+        if kind == "study":
+            report["studies"].append(_study_entry(folder))
+            continue
+        try:
+            report["studies"].append(_study_entry(folder))
+        except MedfusionError as error:
+            report["n_failed"] += 1
+            report["studies"].append({
+                "key": None,
+                "folder_key": pseudonym(folder.name, prefix="st-"),
+                "roles": {},
+                "issues": [],
+                "error": {"code": error.code, "message": error.message},
+            })
+    report["n_studies"] = len(report["studies"])
+    return _jsonable(report)
+
+
+def _fmt_spacing(spacing: Sequence[float]) -> str:
+    return "x".join(f"{s:g}" for s in spacing)
+
+
+def render_inspection(report: Mapping[str, Any], console: Any) -> None:
+    """Print ``report`` (from :func:`inspect_path`) as a rich table on ``console``."""
+    from rich.table import Table
+
+    table = Table(title=f"medfusion inspect: {report.get('kind')} ({report.get('input')})")
+    for column in ("study", "role", "modality", "shape", "spacing mm", "orient", "issues"):
+        table.add_column(column, overflow="fold", no_wrap=column != "issues")
+    for entry in report.get("studies", []):
+        name = str(entry.get("key") or entry.get("folder_key") or "?")
+        if entry.get("error"):
+            err = entry["error"]
+            table.add_row(name, "-", "-", "-", "-", "-", f"[red]{err['code']}[/red] "
+                          f"{err['message']}")
+            continue
+        issues = entry.get("issues", [])
+        first = True
+        for role, vol in entry.get("roles", {}).items():
+            codes = sorted({i["code"] for i in issues
+                            if i.get("details", {}).get("role") == role
+                            and i["code"] != "SERIES_NOT_USED"})
+            table.add_row(
+                name if first else "",
+                role,
+                str(vol.get("modality")),
+                "x".join(str(s) for s in vol.get("shape", [])),
+                _fmt_spacing(vol.get("spacing", [])),
+                str(vol.get("orientation")),
+                ", ".join(codes),
+            )
+            first = False
+        for issue in issues:
+            details = issue.get("details", {})
+            if issue["code"] == "SERIES_NOT_USED":
+                table.add_row("", f"[dim]{details.get('role') or '-'}[/dim]",
+                              f"[dim]{details.get('modality')}[/dim]",
+                              f"[dim]{details.get('n_slices')} slice(s)[/dim]", "",
+                              f"[dim]{details.get('orientation', '')}[/dim]",
+                              f"[dim]not used: {details.get('reason')}[/dim]")
+            elif "role" not in details:
+                table.add_row("", "-", "", "", "", "", issue["code"])
+    console.print(table)
+    if report.get("n_failed"):
+        console.print(f"[red]{report['n_failed']} of {report['n_studies']} studies failed to "
+                      "load[/red] (see the issues column).")
