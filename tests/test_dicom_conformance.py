@@ -1,0 +1,132 @@
+"""Conformance against real scanner data and dcm2niix references (../shared/data).
+
+Both sides are compared in world space: reoriented to the closest canonical RAS with
+nibabel, affines allclose, voxels equal (or highly correlated where the reference was
+interpolated or scaled differently).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfusion.io.dicom import iter_files, load_dicom_file, scan_dicom
+from medfusion.io.volume import load_volume
+
+pytestmark = pytest.mark.shared_data
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array), affine))
+    return np.asarray(img.dataobj), img.affine
+
+
+def _ref(path: Path, t: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    data = img.get_fdata(dtype=np.float64)
+    if t is not None:
+        data = data[..., t]
+    return _canonical(data, img.affine)
+
+
+@pytest.mark.parametrize("series", [4, 7])
+def test_ge_mr_time_points_equal_dcm2niix(shared_data: Path, series: int):
+    """GE EPI: 150 single-slice files = 15 positions x 10 time points (no temporal tag; the
+    count equals NumberOfTemporalPositions, so each position is ranked by acquisition)."""
+    folder = shared_data / f"dicom/dcm_qa_nih/In/20180918GE/mr_000{series}"
+    vol = load_volume(folder)  # README-Series.txt is skipped
+    assert vol.shape == (64, 64, 15, 10)
+    assert "MULTIPLE_TIME_POINTS" in [f.code for f in vol.issues]
+    assert "SKIPPED_FILES" in [f.code for f in vol.issues]
+    ref_path = shared_data / f"dicom/dcm_qa_nih/Ref/DCM2NIIX_regression_test_{series}.nii"
+    for t in (0, 9):
+        ours, ours_aff = _canonical(vol.array[..., t], vol.affine)
+        ref, ref_aff = _ref(ref_path, t)
+        np.testing.assert_allclose(ours_aff, ref_aff, atol=1e-3)
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_ge_tilted_ct_matches_dcm2niix_tilt_eq(shared_data: Path):
+    vol = load_volume(shared_data / "dicom/dcm_qa_ct_ge/In/GE")
+    codes = [f.code for f in vol.issues]
+    assert "GANTRY_TILT_RESAMPLED" in codes and "UNEVEN_SPACING_RESAMPLED" in codes
+    tilt = next(f for f in vol.issues if f.code == "GANTRY_TILT_RESAMPLED")
+    assert tilt.details["tilt_deg"] == pytest.approx(18.5, abs=0.05)
+    ours, ours_aff = _canonical(vol.array, vol.affine)
+    ref, ref_aff = _ref(shared_data / "dicom/dcm_qa_ct_ge/Ref/_2_Tilt_Eq_1.nii.gz")
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours_aff, ref_aff, atol=0.05)
+    corr = np.corrcoef(ours.ravel(), ref.ravel())[0, 1]
+    assert corr > 0.999
+    assert float(np.median(np.abs(ours - ref))) <= 1.0  # HU; dcm2niix rounds to integers
+
+
+def test_ge_tilted_ct_strict_refuses(shared_data: Path):
+    from medfusion.errors import GeometryError
+
+    with pytest.raises(GeometryError) as err:
+        load_volume(shared_data / "dicom/dcm_qa_ct_ge/In/GE", strict=True)
+    assert err.value.code in ("UNEVEN_SPACING", "GANTRY_TILT")
+
+
+def test_siemens_enhanced_multiframe_equal_reference(shared_data: Path):
+    ref_path = shared_data / "dicom/dcm_qa_enh/Ref/Siemens_REST1_w_SMS_PF7-8_6.nii"
+    folder = shared_data / "dicom/dcm_qa_enh/In/Siemens/XA10"
+    scan = scan_dicom(iter_files(folder))
+    assert len(scan.series) == 4 and all(s.is_enhanced for s in scan.series)
+    for t in range(4):
+        vol = load_dicom_file(folder / f"6_{t + 1}.dcm")
+        assert vol.shape == (64, 64, 6)
+        ours, ours_aff = _canonical(vol.array, vol.affine)
+        ref, ref_aff = _ref(ref_path, t)
+        np.testing.assert_allclose(ours_aff, ref_aff, atol=1e-3)
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_philips_enhanced_fieldmap_two_stacks(shared_data: Path):
+    """Magnitude and field map share positions: separated (by echo time) into T = 2."""
+    vol = load_dicom_file(shared_data / "dicom/dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm")
+    assert vol.shape == (64, 64, 32, 2)
+    ref_dir = shared_data / "dicom/dcm_qa_enh/Ref"
+    fmap, fmap_aff = _ref(ref_dir / "Philips_WIP_B0_NS_801_e2_fieldmaphz.nii")
+    ours, ours_aff = _canonical(vol.array[..., 0], vol.affine)
+    np.testing.assert_allclose(ours_aff, fmap_aff, atol=1e-3)
+    np.testing.assert_allclose(ours, fmap, atol=0.02)  # Hz
+    # magnitude: dcm2niix writes Philips "precise" values (a constant factor away)
+    mag, _ = _ref(ref_dir / "Philips_WIP_B0_NS_801_e1.nii")
+    ours_mag, _ = _canonical(vol.array[..., 1], vol.affine)
+    assert np.corrcoef(ours_mag.ravel(), mag.ravel())[0, 1] > 0.99999
+
+
+@pytest.mark.parametrize("image", ["CT1", "MR1", "RG2"])
+def test_wg04_codecs_bit_identical(shared_data: Path, image: str):
+    wg04 = shared_data / "dicom/wg04"
+    ref = load_dicom_file(wg04 / f"REF/{image}_UNC.dcm")
+    for codec in ("RLE", "JPLL", "JLSL", "J2KR"):
+        vol = load_dicom_file(wg04 / f"{codec}/{image}_{codec}")
+        np.testing.assert_array_equal(vol.array, ref.array, err_msg=codec)
+        np.testing.assert_array_equal(vol.affine, ref.affine)
+    lossy = load_dicom_file(wg04 / f"J2KI/{image}_J2KI")
+    assert lossy.shape == ref.shape
+    assert np.corrcoef(lossy.array.ravel(), ref.array.ravel())[0, 1] > 0.99
+    assert not np.array_equal(lossy.array, ref.array)
+
+
+def test_wg04_cr_radiograph_conventions(shared_data: Path):
+    vol = load_dicom_file(shared_data / "dicom/wg04/REF/RG2_UNC.dcm")
+    assert vol.modality == "CR"
+    assert vol.shape == (1760, 2140, 1)
+    assert vol.spacing[:2] == pytest.approx((0.2, 0.2))
+    assert vol.meta["voi"] == "window"
+    assert 0.0 <= float(vol.array.min()) and float(vol.array.max()) <= 1.0
+
+
+def test_siemens_mosaic_refused_clearly(shared_data: Path):
+    from medfusion.errors import UnsupportedInputError
+
+    with pytest.raises(UnsupportedInputError) as err:
+        load_volume(shared_data / "dicom/dcm_qa_nih/In/20180918Si/mr_0003")
+    assert "dcm2niix" in str(err.value)
