@@ -137,6 +137,36 @@ def _pool(
     return pooled[0, 0], positions
 
 
+def c_order_view(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same image as a C-contiguous float32 array with a matching affine, without a copy
+    when possible.
+
+    Loaders often return Fortran-ordered or flipped views (e.g. DICOM stacks built slice by
+    slice). Because resampling is defined in world space, permuting or flipping the *source*
+    axes (and the affine's columns with them) changes nothing in the result, but lets the
+    pooling and 1D passes stream through memory instead of copying 100s of MB first.
+    """
+    arr = np.asarray(array)
+    aff = np.asarray(affine, dtype=np.float64).copy()
+    if arr.dtype != np.float32 or arr.flags.c_contiguous or arr.ndim != 3:
+        return np.ascontiguousarray(arr, dtype=np.float32), aff
+    for ax in range(3):
+        if arr.strides[ax] < 0:
+            # Index i of the flipped view is index n - 1 - i of the array.
+            n = arr.shape[ax]
+            arr = np.flip(arr, axis=ax)
+            flip = np.eye(4)
+            flip[ax, ax] = -1.0
+            flip[ax, 3] = n - 1
+            aff = aff @ flip
+    perm = sorted(range(3), key=lambda a: -arr.strides[a])
+    view = arr.transpose(perm)
+    if view.flags.c_contiguous:
+        swap = np.eye(4)[:, [*perm, 3]]
+        return view, aff @ swap
+    return np.ascontiguousarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64)
+
+
 def resample_array(
     array: np.ndarray,
     src_affine: np.ndarray,
@@ -156,7 +186,7 @@ def resample_array(
     """
     if order not in (0, 1):
         raise PreprocessError(f"Interpolation order must be 0 or 1, got {order}.", code="BAD_ORDER")
-    arr = np.ascontiguousarray(array, dtype=np.float32)
+    arr, src_affine = c_order_view(array, src_affine)
     dst_shape = tuple(int(s) for s in dst_shape)  # type: ignore[assignment]
     m = index_map(src_affine, dst_affine)
     axis_map = _as_axis_map(m)
