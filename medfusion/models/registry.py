@@ -8,7 +8,7 @@ Encoders map ``(B, C, *spatial)`` to ``(B, embed_dim)``. They are thin wrappers 
 
 ``smallcnn`` (default)
     A small residual 3D CNN from MONAI ``Convolution`` / ``ResidualUnit`` blocks
-    (about 0.4 M parameters), built for 2 CPU cores.
+    (about 1 M parameters), built for 2 CPU cores.
 ``resnet10`` / ``resnet18``
     MONAI ``ResNet`` with a stride-2 stem (``conv1_t_stride=2``): the default stride-1 stem
     is about 7x slower on CPU for no measured gain at these grid sizes.
