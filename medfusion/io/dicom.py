@@ -890,8 +890,6 @@ def _resample_stack(
     dcm2niix's tilt correction does). Returns (out (S, rows', cols'), (row0, col0)) where
     (row0, col0) is the output origin in slice-0 pixel units.
     """
-    from scipy import ndimage
-
     k, rows, cols = planes.shape
     r_lo = int(math.floor(min(0.0, float(offsets_px[:, 0].min())) + 1e-6))
     c_lo = int(math.floor(min(0.0, float(offsets_px[:, 1].min())) + 1e-6))
@@ -909,8 +907,7 @@ def _resample_stack(
         irow, icol = int(math.floor(orow + 1e-6)), int(math.floor(ocol + 1e-6))
         canvas[irow : irow + rows, icol : icol + cols] = planes[idx]
         frac = (orow - irow, ocol - icol)
-        if abs(frac[0]) > 1e-6 or abs(frac[1]) > 1e-6:
-            canvas = ndimage.shift(canvas, frac, order=1, mode="nearest", prefilter=False)
+        canvas = _shift_linear(canvas, frac[0], frac[1])
         for old in [c for c in cache if c < idx - 1]:
             del cache[old]
         cache[idx] = canvas
@@ -936,6 +933,23 @@ def _resample_stack(
             np.multiply(placed(lo), np.float32(1.0 - w), out=out[s])
             out[s] += np.float32(w) * placed(hi)
     return out, (r_lo, c_lo)
+
+
+def _shift_linear(a: np.ndarray, fr: float, fc: float) -> np.ndarray:
+    """``out[x] = a[x - f]`` for sub-pixel shifts 0 <= f < 1 along rows and columns, by
+    linear interpolation (edges repeat). Equivalent to ``scipy.ndimage.shift(order=1,
+    mode="nearest")`` for these shifts, without importing scipy on the load path."""
+    if fr > 1e-6:
+        prev = np.empty_like(a)
+        prev[1:] = a[:-1]
+        prev[0] = a[0]
+        a = a * np.float32(1.0 - fr) + prev * np.float32(fr)
+    if fc > 1e-6:
+        prev = np.empty_like(a)
+        prev[:, 1:] = a[:, :-1]
+        prev[:, 0] = a[:, 0]
+        a = a * np.float32(1.0 - fc) + prev * np.float32(fc)
+    return a
 
 
 def _lps_to_ras(m: np.ndarray) -> np.ndarray:
