@@ -362,7 +362,10 @@ def calibration_fit(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     if len(y) < 3 or y.sum() == 0 or y.sum() == len(y):
         return out
     x = logit(p)
-    beta = _fit_logistic(x, y, None)
+    # With one predictor the maximum likelihood slope is infinite exactly when the classes
+    # are (quasi-)separated by x: say so (nan) instead of reporting where the optimiser gave up.
+    separated = x[y == 0].max() <= x[y == 1].min() or x[y == 1].max() <= x[y == 0].min()
+    beta = None if separated else _fit_logistic(x, y, None)
     if beta is not None:
         out["intercept"], out["slope"] = float(beta[0]), float(beta[1])
     beta1 = _fit_logistic(None, y, x)
