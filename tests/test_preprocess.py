@@ -192,13 +192,24 @@ def test_upsampling_matches_scipy_linear_interpolation():
 # --- prepare_volume -----------------------------------------------------------------------
 
 
+def sheared_affine() -> np.ndarray:
+    """A gantry-tilt-like sheared grid (k column leans along j), kept as is by the loader."""
+    a = lps_affine()
+    a[1, 2] = 0.9
+    return a
+
+
+@pytest.mark.parametrize("affine", [lps_affine(), oblique_affine(), sheared_affine()],
+                         ids=["lps", "oblique", "sheared"])
 @pytest.mark.parametrize("fit,spacing", [("resize", None), ("crop_pad", (2.0, 2.0, 2.0))])
-def test_prepare_volume_geometry_is_exact(fit, spacing):
-    v = linear_volume((40, 36, 14), lps_affine(), modality="MR")
+def test_prepare_volume_geometry_is_exact(fit, spacing, affine):
+    v = linear_volume((40, 36, 14), affine, modality="MR")
     spec = RoleSpec(grid=(16, 16, 16), spacing=spacing, normalization="none", fit=fit)
     p = prepare_volume(v, spec)
     assert p.array.shape == (16, 16, 16) and p.array.dtype == np.float32
     assert p.orientation == ("R", "A", "S")
+    if spacing is not None:
+        np.testing.assert_allclose(p.spacing, spacing, atol=1e-9)
     # Source index of every output voxel; where it lies a voxel inside the source grid the
     # value must be exact (linear data), elsewhere (padding) it is the constant pad value.
     m = np.linalg.solve(v.affine, p.affine)
@@ -294,6 +305,31 @@ def test_map_to_source_outside_is_zero_and_nifti_round_trip(tmp_path):
     s = sitk.ReadImage(str(path))
     assert s.GetSize() == src.spatial_shape
     np.testing.assert_allclose(s.GetSpacing(), src.spacing, atol=1e-5)
+
+
+def test_map_to_source_between_oblique_grids():
+    """A map on an axis-aligned grid brought onto an oblique scanner grid (the general,
+    non-separable path): the peak lands within a voxel, outside the map's field of view 0."""
+    src = Volume(np.zeros((40, 36, 16), np.float32), oblique_affine(), modality="MR")
+    centre = src.affine @ np.array([22, 15, 8, 1.0])
+    aff = np.diag([1.5, 1.5, 1.5, 1.0])
+    aff[:3, 3] = centre[:3] - 1.5 * 10
+    ras = blob_volume((20, 20, 20), aff, tuple(centre[:3]), sigma_mm=3.0, base=0.0, height=1.0)
+    back = map_to_source(ras.array, ras, src)
+    assert back.array.shape == src.array.shape
+    np.testing.assert_array_equal(back.affine, src.affine)
+    assert np.linalg.norm(peak_world(back) - centre[:3]) <= max(src.spacing)
+    assert back.array[0, 0, 0] == 0.0
+
+
+def test_spatial_steps_apply_to_each_volume_of_4d():
+    rng = np.random.default_rng(5)
+    v = Volume(rng.normal(size=(10, 12, 6, 2)).astype(np.float32), lps_affine(), modality="MR")
+    r = resize_to_shape(v, (5, 6, 6))
+    assert r.array.shape == (5, 6, 6, 2)
+    one = resize_to_shape(select_channel(v, 1), (5, 6, 6))
+    np.testing.assert_allclose(r.array[..., 1], one.array, atol=1e-6)
+    assert to_canonical(v).array.shape == (10, 12, 6, 2)
 
 
 def test_map_to_source_refuses_wrong_shape_and_nan():
