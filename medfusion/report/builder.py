@@ -156,9 +156,16 @@ def _run_section(run: dict[str, Any] | None, card: dict[str, Any] | None, model_
         ok = [str(x) for x in run_labels[0]] == list(scores.labels)
         checks.append({"check": "labels in run.json match the prob_ columns",
                        "result": "pass" if ok else "FAIL"})
+    status = run.get("status")
+    if isinstance(status, str):
+        checks.append({"check": f"run status is complete (run.json says {status!r})",
+                       "result": "pass" if status == "complete" else "FAIL"})
     summary: dict[str, Any] = {}
     for key, value in run.items():
-        if isinstance(value, dict) and len(value) > 40:
+        per_study = isinstance(value, dict) and value and all(
+            isinstance(v, dict) and "status" in v for v in value.values()
+        )
+        if per_study or (isinstance(value, dict) and len(value) > 40):
             # per-study tables: only the distribution of their statuses is shown
             statuses = [v.get("status") if isinstance(v, dict) else v for v in value.values()]
             counts: dict[str, int] = {}
@@ -181,7 +188,8 @@ def _cohort(scores: I.Scores, labels: I.Labels, failures: dict[str, Any] | None,
     failed_ids = set(failures["study_ids"]) if failures else set()
     labelled = set(labels.truth)
     found, source = None, "scored + failed"
-    for key in ("found", "n_found", "discovered", "n_studies"):
+    # `medfusion score` records totals.studies; other keys for runs written elsewhere
+    for key in ("found", "n_found", "discovered", "n_studies", "studies"):
         hits = [v for v in I.find_key(run or {}, key) if type(v) is int]
         if hits:
             found, source = hits[0], f"run.json ({key})"
@@ -273,9 +281,12 @@ def _model_card(model_dir: Path | None) -> dict[str, Any] | None:
 
 def _card_section(card: dict[str, Any]) -> dict[str, Any]:
     labels = card.get("labels") or card.get("label_names")
+    roles = card.get("roles")
+    if roles is None and isinstance(card.get("role_specs"), dict):
+        roles = sorted(card["role_specs"])
     return {
         "labels": labels,
-        "roles": card.get("roles"),
+        "roles": roles,
         "card_sha256": I.card_sha256(card),
         "content": _sanitise(card),
     }
