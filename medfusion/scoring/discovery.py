@@ -94,12 +94,25 @@ def is_medical_file(path: str) -> bool:
 def walk_safe(folder: str, root: str) -> Iterator[tuple[str, bool]]:
     """Yield ``(path, safe)`` for every regular file below ``folder`` in sorted order.
 
-    Directory links are never descended into (``os.walk(followlinks=False)``); a file link
-    is ``safe`` only when it resolves inside ``root`` (F5). Hidden entries are skipped.
+    Links (to files or folders) are followed only while they resolve inside ``root``; one
+    leaving it is yielded once with ``safe=False`` and never opened (F5). Each real folder
+    is visited once (no link loops). Hidden entries are skipped.
     """
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if os.path.islink(path) and not is_within(path, root):
+                yield path, False
+            elif real not in seen:
+                seen.add(real)
+                keep.append(name)
         # Sorted, hidden skipped: a stable order makes digests and file lists reproducible.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith("."):
                 continue

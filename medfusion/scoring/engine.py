@@ -37,7 +37,7 @@ from medfusion.io.keys import pseudonym
 from medfusion.scoring import outputs as O
 from medfusion.scoring.discovery import Discovery, StudyRef, discover_studies
 from medfusion.scoring.pool import InlinePreparer, LocalPool, ScorerFactory
-from medfusion.scoring.scorer import Scorer, failure, load_fusion_scorer
+from medfusion.scoring.scorer import Scorer, failure, load_fusion_scorer, quiet_libraries
 from medfusion.types import Prediction
 
 log = logging.getLogger("medfusion.scoring")
@@ -546,8 +546,6 @@ def _predict_record(
     no_clinical: bool,
 ) -> dict[str, Any]:
     """Inference (and saliency) for one prepared study, as a journal record."""
-    import warnings
-
     ref = StudyRef(study_id=record["study_id"], key=record["key"], root="")
     base = _base_record(record)
     timings = dict(base.get("timings") or {})
@@ -555,8 +553,7 @@ def _predict_record(
     t0 = time.perf_counter()
     try:
         _seed_everything(study_seed(seed, ref.study_id))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_libraries():
             pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha)
             timings["predict_s"] = round(time.perf_counter() - t0, 4)
             stage = "explain"

@@ -14,14 +14,23 @@ every failure comes back as a PHI-free failure record.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from medfusion.errors import BudgetExceededError, MedfusionError, ModelPackageError, NoImagesError
+from medfusion.errors import (
+    BudgetExceededError,
+    MedfusionError,
+    MixedSeriesError,
+    ModelPackageError,
+    NoImagesError,
+)
 from medfusion.scoring.discovery import StudyRef, input_digest, study_files
 from medfusion.types import Prediction, Study
 
@@ -159,6 +168,25 @@ def _proc_status_mb(field: str, pid: int | None) -> float | None:
 # --------------------------------------------------------------------------------------
 # the worker half
 
+_CHATTY_LOGGERS = ("pydicom", "nibabel", "monai", "PIL", "matplotlib")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence library warnings and loggers for the duration: pydicom, for one, logs the
+    offending *value* of an invalid header element, which may be a patient name (G1)."""
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    before = [lg.disabled for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.disabled = True
+        try:
+            yield
+        finally:
+            for lg, was in zip(loggers, before, strict=True):
+                lg.disabled = was
+
 
 def scrub(message: str, ref: StudyRef, files: Sequence[str]) -> str:
     """Remove paths and file/folder names from a message (G2): they may hold names."""
@@ -220,14 +248,14 @@ def _tmp_load_study_nifti(folder: str, clinical: Mapping[str, Any] | None = None
 
 
 def _mirror(ref: StudyRef, files: Sequence[str], tmp: str) -> str:
-    """A folder of links to exactly ``files`` (for a loose group, or a study that holds
-    links leaving the root): the loaders then never see anything else."""
-    base = ref.folder or ref.root
+    """A folder holding exactly ``files`` of a loose group (hard links, or copies across
+    filesystems): the study loader then sees this study's files and nothing else."""
     for n, path in enumerate(files):
-        rel = os.path.relpath(path, base) if ref.folder else f"{n:06d}.dcm"
-        target = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.symlink(os.path.realpath(path), target)
+        target = os.path.join(tmp, f"{n:06d}.dcm")  # never the original (maybe named) file name
+        try:
+            os.link(os.path.realpath(path), target)
+        except OSError:
+            shutil.copyfile(path, target)
     return tmp
 
 
@@ -258,11 +286,17 @@ def prepare_task(
                 "no DICOM or NIfTI file in this study folder; add images or remove the folder"
             )
         stage = "load"
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="mf-") as tmp:
-            # Library warnings can quote header values (names): never let them print.
-            warnings.simplefilter("ignore")
-            folder = ref.folder if (ref.folder and not unsafe) else _mirror(ref, files, tmp)
+        with quiet_libraries(), tempfile.TemporaryDirectory(prefix="mf-") as tmp:
+            # A study folder goes to the loader as it is (it skips links leaving the folder
+            # too); a loose group of files gets a private folder of its own.
+            folder = ref.folder if ref.folder else _mirror(ref, files, tmp)
             study = load_study(folder, clinical=dict(clinical) if clinical else None)
+            if any(f.code == "MULTIPLE_STUDIES" for f in study.issues):
+                # Two patients or visits in one folder: scoring the mix would be wrong.
+                raise MixedSeriesError(
+                    "this study folder holds images of more than one DICOM study; put each "
+                    "study in its own folder"
+                )
             t1 = time.perf_counter()
             stage = "prepare"
             prepared = scorer.prepare(study, explain=explain)
