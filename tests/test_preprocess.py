@@ -339,6 +339,14 @@ def test_map_to_source_refuses_wrong_shape_and_nan():
         map_to_source(np.zeros((7, 8, 8)), p, src)
     assert e.value.code == "SHAPE_MISMATCH"
     assert map_to_source(np.zeros((1, 8, 8, 8)), p, src).array.shape == (16, 16, 8)
+    import torch
+
+    cam = torch.ones((1, 8, 8, 8), requires_grad=True) * 0.5  # as Grad-CAM hands it over
+    assert map_to_source(cam, p, src).array[8, 8, 4] == pytest.approx(0.5)
+    empty = Volume(np.zeros((0, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(PreprocessError) as e:
+        prepare_volume(empty, RoleSpec(grid=(4, 4, 4), normalization="none"))
+    assert e.value.code == "EMPTY_VOLUME"
     bad = np.zeros((8, 8, 8))
     bad[0, 0, 0] = np.nan
     with pytest.raises(PreprocessError) as e:

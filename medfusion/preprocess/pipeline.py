@@ -32,6 +32,19 @@ def _step(name: str, params: dict, shape: tuple[int, ...], affine: np.ndarray) -
     )
 
 
+def _check_volume(volume: object, what: str) -> Volume:
+    """A Volume with a non-empty 3D/4D array, else a PreprocessError."""
+    if not isinstance(volume, Volume):
+        raise PreprocessError(f"{what} needs a medfusion Volume, got {type(volume).__name__}.",
+                              code="BAD_ARGUMENT")
+    if min(volume.shape) < 1:
+        raise PreprocessError(
+            f"{what}: the volume is empty (shape {list(volume.shape)}); check the input.",
+            code="EMPTY_VOLUME",
+        )
+    return volume
+
+
 def resolve_normalization(spec: RoleSpec, modality: str, role: str | None = None) -> str:
     """The intensity preset ``spec`` asks for on a volume of ``modality`` (``auto`` resolved:
     from the DICOM modality, else from the role name ``ct``/``mr``/``xray``)."""
@@ -65,7 +78,7 @@ def prepare_volume(volume: Volume, spec: RoleSpec, *, role: str | None = None) -
     """
     if not isinstance(spec, RoleSpec):
         raise PreprocessError("prepare_volume needs a RoleSpec.", code="BAD_ARGUMENT")
-    v = volume
+    v = _check_volume(volume, "prepare_volume")
     if np.asarray(v.array).ndim == 4:
         if spec.channel_rule != "first":
             raise PreprocessError(
@@ -118,23 +131,23 @@ def prepare_volume(volume: Volume, spec: RoleSpec, *, role: str | None = None) -
     inner = g.resample_array(
         v.array, src_affine, inner_shape, g.shifted_grid(final_affine, (lo[0], lo[1], lo[2]))
     )
-    if inner.size and not np.all(np.isfinite(inner)):
+    if not np.all(np.isfinite(inner)):
         raise PreprocessError(
             "The volume holds NaN or Inf voxels inside the model's field of view; reload it "
             "with medfusion.load_volume (which refuses or fills them by policy).",
             code="INVALID_VALUES",
         )
+    # Padding takes the lowest value in the field of view: the background (air, no signal).
+    pad_value = float(inner.min())
     if inner_shape == tuple(grid):
         out = inner
     else:
-        pad_value = float(inner.min()) if inner.size else 0.0
         out = np.full(grid, np.float32(pad_value), dtype=np.float32)
         out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = inner
-    if spec.fit == "crop_pad" or tuple(mid_shape) != tuple(grid):
+    if spec.fit == "crop_pad":
         history.append(_step(
             "crop_or_pad",
-            {"shape": list(grid), "start": list(start),
-             "value": float(out.min()) if out.size else 0.0},
+            {"shape": list(grid), "start": list(start), "value": pad_value},
             mid_shape, mid_affine,
         ))
 
@@ -167,7 +180,16 @@ def map_to_source(
     voxels more than half a processed voxel outside the processed field of view get 0.
     Works through any chain of medfusion steps because each keeps its affine exact.
     """
-    arr = np.asarray(values, dtype=np.float32)
+    processed = _check_volume(processed, "map_to_source (processed)")
+    source = _check_volume(source, "map_to_source (source)")
+    if hasattr(values, "detach"):  # a torch tensor, e.g. straight from Grad-CAM
+        values = values.detach().cpu().numpy()
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise PreprocessError(
+            "map_to_source needs a numeric array on the processed grid.", code="BAD_ARGUMENT"
+        ) from None
     target = processed.spatial_shape
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
@@ -204,7 +226,7 @@ def map_to_source(
 
 def to_tensor_input(volume: Volume) -> np.ndarray:
     """The model input convention: float32, channel first, shape (1, I, J, K), contiguous."""
-    arr = np.asarray(volume.array, dtype=np.float32)
+    arr = np.asarray(_check_volume(volume, "to_tensor_input").array, dtype=np.float32)
     if arr.ndim != 3:
         raise PreprocessError(
             f"A model input must be one 3D volume, got shape {list(arr.shape)}; run "
