@@ -175,16 +175,19 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 
 
 def _fmt_spacing(spacing: Sequence[float]) -> str:
-    return "x".join(f"{s:g}" for s in spacing)
+    return "x".join(f"{s:.4g}" for s in spacing)
 
 
 def render_inspection(report: Mapping[str, Any], console: Any) -> None:
     """Print ``report`` (from :func:`inspect_path`) as a rich table on ``console``."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"medfusion inspect: {report.get('kind')} ({report.get('input')})")
-    for column in ("study", "role", "modality", "shape", "spacing mm", "orient", "issues"):
-        table.add_column(column, overflow="fold", no_wrap=column != "issues")
+    # A light box and collapsed padding keep a typical row within 80 columns.
+    table = Table(title=f"medfusion inspect: {report.get('kind')} ({report.get('input')})",
+                  box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for column in ("study/series", "role", "mod.", "shape", "spacing mm", "orient", "issues"):
+        table.add_column(column, overflow="fold", min_width=12 if column == "issues" else None)
     for entry in report.get("studies", []):
         name = str(entry.get("key") or entry.get("folder_key") or "?")
         if entry.get("error"):
@@ -211,11 +214,12 @@ def render_inspection(report: Mapping[str, Any], console: Any) -> None:
         for issue in issues:
             details = issue.get("details", {})
             if issue["code"] == "SERIES_NOT_USED":
-                table.add_row("", f"[dim]{details.get('role') or '-'}[/dim]",
+                table.add_row(f"[dim]{details.get('key', '')}[/dim]",
+                              f"[dim]{details.get('role') or '-'}[/dim]",
                               f"[dim]{details.get('modality')}[/dim]",
-                              f"[dim]{details.get('n_slices')} slice(s)[/dim]", "",
+                              f"[dim]{details.get('n_slices')} sl.[/dim]", "",
                               f"[dim]{details.get('orientation', '')}[/dim]",
-                              f"[dim]not used: {details.get('reason')}[/dim]")
+                              "[dim]not used[/dim]")
             elif "role" not in details:
                 table.add_row("", "-", "", "", "", "", issue["code"])
     console.print(table)
