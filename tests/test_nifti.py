@@ -307,3 +307,21 @@ def test_error_messages_never_hold_the_file_name(tmp_path: Path, arr: np.ndarray
         load_nifti(path)
     assert "ZZTEST" not in str(err.value) and "Doe" not in str(err.value)
     assert "file-" in str(err.value)  # a pseudonym the user can match with inspect
+
+
+# --- real files: dcm2niix outputs from ../shared/data ------------------------------------
+@pytest.mark.shared_data
+def test_real_dcm2niix_outputs_match_nibabel(shared_data: Path) -> None:
+    """Every reference NIfTI written by dcm2niix loads with the same voxels and affine as
+    nibabel gives (sform/qform policy identical to nibabel's)."""
+    paths = sorted((shared_data / "dicom").glob("*/Ref/*.nii*"))
+    assert paths, "no reference NIfTI files found"
+    for path in paths:
+        if path.stat().st_size > 8_000_000:
+            continue  # keep the test fast; the gz path is covered by _2.nii.gz
+        ref = nib.load(str(path))
+        vol = load_nifti(path)
+        expected = np.asarray(ref.dataobj, dtype=np.float32)
+        assert vol.array.shape == expected.squeeze().shape or vol.array.shape == expected.shape
+        np.testing.assert_array_equal(vol.array.reshape(expected.shape), expected)
+        np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-4)
