@@ -34,7 +34,7 @@ def test_config_round_trips_through_json_and_sorts_roles() -> None:
     assert cfg.modalities == ["ct", "mr", "clinical"]
     text = json.dumps(cfg.to_dict())
     again = NetConfig.from_dict(json.loads(text))
-    assert again == cfg
+    assert again == cfg and hash(again) == hash(cfg)
     assert NetConfig.from_json(cfg.to_json()) == cfg
     assert again.roles["ct"].grid == (16, 16, 16)
 

@@ -139,6 +139,9 @@ class NetConfig:
             if not 0.0 <= value < 1.0:
                 raise RecipeError(f"{key} must be in [0, 1), got {value}")
 
+    def __hash__(self) -> int:  # roles is a dict: hash the canonical JSON instead
+        return hash(self.to_json())
+
     @property
     def modalities(self) -> list[str]:
         """Imaging roles in sorted order, then ``"clinical"`` when there are clinical features."""
