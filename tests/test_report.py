@@ -30,7 +30,7 @@ def make_batch(root: Path, n: int = 240, labels: tuple[str, ...] = ("normal", "l
                seed: int = 0, strength: float = 1.5, explain: bool = False) -> dict:
     """A synthetic scored batch whose patient ids and run.json carry sentinel identifiers."""
     batch = write_batch(root, n, labels, seed=seed, strength=strength, explain=explain,
-                        patient_prefix=SENTINEL)
+                        patient_prefix=SENTINEL, id_prefix="ZZTEST_SENTINEL-")
     run = json.loads((batch["out"] / "run.json").read_text())
     run["input_root"] = f"/data/{SENTINEL}/studies"
     (batch["out"] / "run.json").write_text(json.dumps(run))
@@ -224,7 +224,7 @@ def test_integer_labels_and_explicit_positive_and_threshold(tmp_path: Path) -> N
     [
         (lambda s, lab: s.write_text("study_id,status\ns-1,scored\n"), "REPORT_MISSING_COLUMN"),
         (lambda s, lab: lab.write_text("study_id,diagnosis\ns-1,x\n"), "REPORT_MISSING_COLUMN"),
-        (lambda s, lab: lab.write_text("study_id,label\ns-00000000,tumour\n"),
+        (lambda s, lab: lab.write_text("study_id,label\nZZTEST_SENTINEL-00000000,tumour\n"),
          "REPORT_UNKNOWN_LABEL"),
         (lambda s, lab: lab.write_text("study_id,label\nnope,lesion\n"), "REPORT_NO_OVERLAP"),
         (lambda s, lab: lab.write_text("study_id,label\na,lesion\na,normal\n"),

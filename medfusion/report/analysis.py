@@ -280,6 +280,12 @@ def evaluate(
         primary = per_class[task.labels[task.positive]]
         out["positive_label"] = task.labels[task.positive]
         out.update({key: value for key, value in primary.items() if key not in out})
+        # "ece" is on p(positive) (as torchmetrics' binary calibration error); the top-label
+        # variant (confidence = max probability, as Guo et al. 2017) is given beside it.
+        correct = (pred == y_index).astype(float)
+        out["ece_top_label"] = M.expected_calibration_error(
+            correct, probs.max(axis=1) if n else np.zeros(0), 10
+        )[0]
     else:
         out["positive_label"] = None
         out.update(_multiclass_summary(probs, y_index, pred, per_class, reps, notes, name))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from medfusion.errors import OutputError, ReportInputError
+from medfusion.io.keys import pseudonym
 from medfusion.report import inputs as I
 from medfusion.report.analysis import Extras, Task, evaluate
 from medfusion.report.analysis import compare as compare_scores
@@ -35,6 +36,30 @@ _WITHHELD_KEY = re.compile(
     re.IGNORECASE,
 )
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_KEY = re.compile(r"st-[0-9a-f]{12}")
+
+
+def display_id(study_id: str) -> str:
+    """The pseudonymous key shown for a study: study ids of `medfusion score` are folder
+    names a user chose (they may hold names, G2), so the report shows the same ``st-`` key
+    that run.json and the batch's logs use."""
+    return study_id if _KEY.fullmatch(study_id) else pseudonym(study_id, prefix="st-")
+
+
+def _saliency_folder(root: Path, study_id: str) -> Path | None:
+    """Where `medfusion score --explain` put a study's montages (its folder name is the
+    study id when that is a plain name, else the study's pseudonym), kept inside ``root``."""
+    try:
+        from medfusion.scoring.outputs import safe_component
+
+        names = [safe_component(study_id, prefix="st-"), study_id]
+    except ImportError:  # scoring not installed: plain names only
+        names = [study_id]
+    for name in dict.fromkeys(names):
+        folder = I.safe_child(root, name)
+        if folder is not None and folder.is_dir():
+            return folder
+    return None
 
 
 def _json_safe(value: Any) -> Any:
@@ -237,8 +262,8 @@ def _gallery(saliency_dir: Path | None, ids: list[str], y: np.ndarray, probs: np
         for i in order:
             if taken >= GALLERY_PER_CATEGORY:
                 break
-            folder = I.safe_child(Path(saliency_dir), ids[i])
-            if folder is None or not folder.is_dir():
+            folder = _saliency_folder(Path(saliency_dir), ids[i])
+            if folder is None:
                 continue
             pngs = []
             for png in sorted(folder.glob("*.png"))[:MAX_ROLES_PER_CASE]:
@@ -255,7 +280,7 @@ def _gallery(saliency_dir: Path | None, ids: list[str], y: np.ndarray, probs: np
             taken += 1
             case = {
                 "category": name,
-                "study_id": ids[i],
+                "study_key": display_id(ids[i]),
                 "true": task.labels[int(y[i])],
                 "predicted": task.labels[int(pred[i])],
                 "probability": float(probs[i, int(pred[i])]),

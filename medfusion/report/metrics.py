@@ -163,21 +163,25 @@ def cluster_index(groups: Sequence[str] | None, n: int) -> np.ndarray:
 
 
 def bootstrap_weights(
-    clusters: np.ndarray, n_bootstrap: int, seed: int | Sequence[int], chunk: int = 200
+    clusters: np.ndarray, n_bootstrap: int, seed: int | Sequence[int], chunk: int | None = None
 ) -> Iterator[np.ndarray]:
     """Yield (b, n) float arrays of study weights for patient-level bootstrap replicates.
 
-    Each replicate draws as many patients as there are, with replacement; a study's weight is
-    how often its patient was drawn. Chunks bound memory (b * n floats at a time).
+    Each replicate draws as many patients as there are, with replacement (a multinomial
+    draw of patient counts); a study's weight is how often its patient was drawn. Chunks
+    bound memory to about 2 million weights at a time whatever the cohort size.
     """
     rng = np.random.default_rng(seed)
     n_clusters = int(clusters.max()) + 1 if len(clusters) else 0
+    if n_clusters == 0:
+        return
+    if chunk is None:
+        chunk = int(max(1, min(200, 2_000_000 // max(len(clusters), 1))))
+    uniform = np.full(n_clusters, 1.0 / n_clusters)
     done = 0
     while done < n_bootstrap:
         b = min(chunk, n_bootstrap - done)
-        draws = rng.integers(0, n_clusters, size=(b, n_clusters))
-        counts = np.zeros((b, n_clusters), dtype=np.float64)
-        np.add.at(counts, (np.arange(b)[:, None], draws), 1.0)
+        counts = rng.multinomial(n_clusters, uniform, size=b).astype(np.float64)
         yield counts[:, clusters]
         done += b
 

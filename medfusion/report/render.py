@@ -287,7 +287,7 @@ def _gallery(r: dict, images: list[dict]) -> str:
         imgs = "".join(f"<div>{_e(role)}</div>{_img(uri, role)}" for role, uri in case["images"])
         cases.append(
             f'<div class="case"><b>{_e(case["category"])}</b><br>study '
-            f"<code>{_e(case['study_id'])}</code><br>true {_e(case['true'])}, predicted "
+            f"<code>{_e(case['study_key'])}</code><br>true {_e(case['true'])}, predicted "
             f"{_e(case['predicted'])} (p={_n(case['probability'])}){imgs}</div>")
     return f'<div class="gallery">{"".join(cases)}</div>'
 

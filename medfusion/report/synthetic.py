@@ -35,6 +35,7 @@ def write_batch(
     strength: float = 1.5,
     explain: bool = False,
     patient_prefix: str = "p",
+    id_prefix: str = "s-",
     set_threshold: float = 0.15,
 ) -> dict[str, Any]:
     """Write ``root/OUT/{scores.csv,failures.csv,run.json[,saliency/]}`` and
@@ -54,7 +55,7 @@ def write_batch(
     logits[np.arange(n), y] += strength
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     probs = np.round(probs, 6)  # what the batch's %.6f format keeps
-    ids = [f"s-{i:08x}" for i in range(n)]
+    ids = [f"{id_prefix}{i:08x}" for i in range(n)]
     header = ["study_id", "status", "predicted", *[f"prob_{lab}" for lab in labels],
               *[f"raw_prob_{lab}" for lab in labels], "entropy", "mutual_info",
               "prediction_set", "abstain", "modalities_used", "weight_ct", "flags"]
