@@ -115,3 +115,17 @@ def test_write_cohort_refuses_unknown_role(tmp_path: Path) -> None:
         write_cohort(tmp_path, 2, roles=("pet",))
     with pytest.raises(UnsupportedInputError):
         write_cohort(tmp_path, 2, formats={"mr": "analyze"})
+
+
+def test_demo_inspects_every_sample_and_leaks_nothing(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from medfusion.demo import run_demo
+
+    console = Console(record=True, width=120)
+    assert run_demo(tmp_path / "out", console=console) == 0
+    report = json.loads((tmp_path / "out" / "inspection.json").read_text())
+    assert report["n_studies"] == 4 and report["n_failed"] == 0
+    assert all(set(s["roles"]) == {"ct", "mr", "xray"} for s in report["studies"])
+    text = console.export_text() + json.dumps(report)
+    assert "ZZTEST" not in text and SENTINELS["PatientID"] not in text
