@@ -325,3 +325,18 @@ def test_real_dcm2niix_outputs_match_nibabel(shared_data: Path) -> None:
         assert vol.array.shape == expected.squeeze().shape or vol.array.shape == expected.shape
         np.testing.assert_array_equal(vol.array.reshape(expected.shape), expected)
         np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-4)
+
+
+def test_big_endian_and_nifti2_files(tmp_path: Path, arr: np.ndarray) -> None:
+    aff = _oblique_affine()
+    hdr = nib.Nifti1Header(endianness=">")
+    big = nib.Nifti1Image(arr.astype(">f4"), aff, header=hdr)
+    nib.save(big, str(tmp_path / "be.nii"))
+    assert (tmp_path / "be.nii").read_bytes()[:4] == (348).to_bytes(4, "big")
+    vol = load_nifti(tmp_path / "be.nii")
+    np.testing.assert_array_equal(vol.array, arr)
+    nib.save(nib.Nifti2Image(arr, aff), str(tmp_path / "two.nii.gz"))
+    vol2 = load_nifti(tmp_path / "two.nii.gz")
+    np.testing.assert_array_equal(vol2.array, arr)
+    np.testing.assert_allclose(vol2.affine, aff, atol=1e-6)
+    assert vol2.meta["format"] == "NIfTI-2"
