@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medfusion.errors import (
@@ -43,6 +43,7 @@ from medfusion.errors import (
     UnsupportedEncodingError,
     UnsupportedInputError,
 )
+from medfusion.io.dicom_fast import read_fast_header, wanted_tags
 from medfusion.io.keys import pseudonym
 from medfusion.io.limits import check_declared_size
 from medfusion.types import Finding, Volume
@@ -160,7 +161,7 @@ class _FileHeader:
     """What the header pass learnt about one file (kept out of repr: it holds a path)."""
 
     path: Path
-    ds: Dataset  # header-only dataset (no pixel data)
+    ds: Any  # header-only pydicom Dataset, or a FastHeader (same get/in interface)
     transfer_syntax: str
     pixel_offset: int | None  # file offset of the PixelData element tag
     n_frames: int
@@ -341,40 +342,55 @@ def _sniff(path: Path) -> str:
     return "other"
 
 
+_FAST_WANTED = wanted_tags(_HEADER_TAGS)
+_FAST_REFUSE = {
+    int(tag_for_keyword(k))
+    for k in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+              "VOILUTSequence", "ModalityLUTSequence", "DirectoryRecordSequence")
+}
+
+
 def _read_header(path: Path) -> tuple[_FileHeader | None, str | None]:
-    """Header-only parse of one file; ``(header, None)`` or ``(None, skip reason)``."""
+    """Header-only parse of one file; ``(header, None)`` or ``(None, skip reason)``.
+
+    The fast walker (:mod:`medfusion.io.dicom_fast`) handles plain little-endian Part 10
+    files; everything else goes through pydicom with ``stop_before_pixels``.
+    """
     kind = _sniff(path)
     if kind == "empty":
         return None, "empty file"
     if kind == "other":
         return None, "not DICOM"
-    try:
-        with open(path, "rb") as fp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(
-                fp,
-                stop_before_pixels=True,
-                specific_tags=_HEADER_TAGS,
-                force=(kind == "raw"),
-            )
-            offset = fp.tell()
-            tail = fp.read(8)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError):
-        return None, "unreadable DICOM header"
-    except Exception:  # noqa: BLE001 - pydicom raises many types on junk; all mean skip
-        return None, "unreadable DICOM header"
+    fast = read_fast_header(str(path), _FAST_WANTED, _FAST_REFUSE) if kind == "dicom" else None
+    if fast is not None:
+        ds: Any = fast[0]
+        offset = fast[1]
+        ts = fast[2]
+        has_pixels = offset is not None
+    else:
+        try:
+            with open(path, "rb") as fp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(
+                    fp,
+                    stop_before_pixels=True,
+                    specific_tags=_HEADER_TAGS,
+                    force=(kind == "raw"),
+                )
+                offset = fp.tell()
+                tail = fp.read(8)
+        except Exception:  # noqa: BLE001 - pydicom raises many types on junk; all mean skip
+            return None, "unreadable DICOM header"
+        has_pixels = len(tail) >= 4 and tail[:4] in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+        fm = getattr(ds, "file_meta", None)
+        ts = str(fm.get("TransferSyntaxUID", "")) if fm is not None else ""
+        if not ts:
+            ts = str(ImplicitVRLittleEndian)
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
         return None, "DICOMDIR"
-    has_pixels = len(tail) >= 4 and tail[:4] == b"\xe0\x7f\x10\x00"
-    if not has_pixels and len(tail) >= 4 and tail[:4] == b"\x7f\xe0\x00\x10":
-        has_pixels = True  # big endian
     if not has_pixels or ds.get("Rows") is None or ds.get("Columns") is None:
         return None, "no pixel data"
-    fm = getattr(ds, "file_meta", None)
-    ts = str(fm.get("TransferSyntaxUID", "")) if fm is not None else ""
-    if not ts:
-        ts = str(ImplicitVRLittleEndian)
     n_frames = _int(ds.get("NumberOfFrames"), 1) or 1
     return _FileHeader(path=path, ds=ds, transfer_syntax=ts, pixel_offset=offset,
                        n_frames=max(1, n_frames)), None
@@ -1286,8 +1302,9 @@ def load_series(info: SeriesInfo, *, strict: bool = False) -> Volume:
 
 
 def _check_mosaic(ds: Dataset, what: str) -> None:
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if "MOSAIC" in image_type:
+    value = ds.get("ImageType") or []
+    image_type = [value] if isinstance(value, str) else list(value)
+    if "MOSAIC" in [str(v).upper() for v in image_type]:
         raise UnsupportedInputError(
             f"{what}: Siemens mosaic images (several slices tiled in one image) are not "
             "supported. Convert the series with dcm2niix and load the NIfTI file.",
