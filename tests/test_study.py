@@ -122,14 +122,16 @@ def test_links_outside_not_followed_and_junk_skipped(tmp_path: Path) -> None:
     (study_dir / "blob.bin").write_bytes(os.urandom(300))
     (study_dir / "inner").mkdir()
     (study_dir / "inner" / "again").symlink_to(study_dir, target_is_directory=True)  # loop
+    (study_dir / "blob-link.bin").symlink_to(study_dir / "blob.bin")  # same file twice
     dicom, nifti, skipped = discover_study_files(study_dir)
     assert [p.name for p in nifti] == ["ct.nii.gz"]
-    assert sorted(r for _, r in skipped) == ["LINK_OUTSIDE", "LINK_OUTSIDE", "NOT_IMAGE"]
+    assert sorted(r for _, r in skipped) == [
+        "DUPLICATE_LINK", "LINK_OUTSIDE", "LINK_OUTSIDE", "NOT_IMAGE"]
     assert [p.name for p in dicom] == ["blob.bin"]
     study = load_study(study_dir)
     assert study.roles == ("ct",)
     counts = next(f.details["counts"] for f in study.issues if f.code == "FILES_SKIPPED")
-    assert counts["LINK_OUTSIDE"] == 2 and sum(counts.values()) == 4
+    assert counts["LINK_OUTSIDE"] == 2 and sum(counts.values()) == 5
 
 
 def test_empty_and_imageless_folders_refused(tmp_path: Path) -> None:

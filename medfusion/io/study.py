@@ -86,7 +86,8 @@ def discover_study_files(
     """All files under ``folder``: ``(dicom_candidates, nifti_files, skipped)``.
 
     ``skipped`` pairs a path with a reason code (``HIDDEN``, ``NOT_IMAGE``,
-    ``LINK_OUTSIDE``, ``NOT_REGULAR``). Paths are returned sorted, as found under
+    ``LINK_OUTSIDE``, ``NOT_REGULAR``, ``DUPLICATE_LINK``: a link to a DICOM file already
+    found). Paths are returned sorted, as found under
     ``folder`` (links not resolved); never print them, they may hold names.
     """
     root = Path(folder)
@@ -135,7 +136,17 @@ def discover_study_files(
                 skipped.append((path, "NOT_IMAGE"))
             else:
                 dicom.append(path)
-    return sorted(dicom), sorted(nifti), sorted(skipped)
+    # A link to a DICOM file that is also present under the folder is the same image twice.
+    unique: list[Path] = []
+    seen_files: set[str] = set()
+    for path in sorted(dicom, key=lambda q: (q.is_symlink(), str(q))):
+        real_file = os.path.realpath(path)
+        if real_file in seen_files:
+            skipped.append((path, "DUPLICATE_LINK"))
+            continue
+        seen_files.add(real_file)
+        unique.append(path)
+    return sorted(unique), sorted(nifti), sorted(skipped)
 
 
 # --------------------------------------------------------------------------------------
