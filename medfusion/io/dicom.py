@@ -1006,25 +1006,27 @@ def _assemble_stack(
             code="MISSING_GEOMETRY",
         )
     s0 = slices[0]
-    for s in slices[1:]:
-        if (s.rows, s.cols) != (s0.rows, s0.cols):
-            raise GeometryError(
-                f"{what}: slices differ in size ({s0.rows}x{s0.cols} vs {s.rows}x{s.cols}). "
-                "A series must have one matrix size; split it or pick the images you need.",
-                code="INCONSISTENT_GEOMETRY",
-            )
-        if not np.allclose(s.pixel_spacing, s0.pixel_spacing, rtol=1e-3, atol=1e-4):
-            raise GeometryError(
-                f"{what}: pixel spacing differs between slices. A series must have one pixel "
-                "spacing; split it before loading.",
-                code="INCONSISTENT_GEOMETRY",
-            )
-        if not np.allclose(s.iop, s0.iop, atol=1e-3):
-            raise GeometryError(
-                f"{what}: image orientation differs between slices (e.g. a localizer with "
-                "several planes). Load each orientation as its own series.",
-                code="INCONSISTENT_GEOMETRY",
-            )
+    sizes = {(s.rows, s.cols) for s in slices}
+    if len(sizes) > 1:
+        raise GeometryError(
+            f"{what}: slices differ in size ({sorted(sizes)}). A series must have one matrix "
+            "size; split it or pick the images you need.",
+            code="INCONSISTENT_GEOMETRY",
+        )
+    spacings = np.asarray([s.pixel_spacing for s in slices], dtype=np.float64)
+    if not np.allclose(spacings, spacings[0], rtol=1e-3, atol=1e-4):
+        raise GeometryError(
+            f"{what}: pixel spacing differs between slices. A series must have one pixel "
+            "spacing; split it before loading.",
+            code="INCONSISTENT_GEOMETRY",
+        )
+    iops = np.asarray([s.iop for s in slices], dtype=np.float64)
+    if not np.allclose(iops, iops[0], atol=1e-3):
+        raise GeometryError(
+            f"{what}: image orientation differs between slices (e.g. a localizer with "
+            "several planes). Load each orientation as its own series.",
+            code="INCONSISTENT_GEOMETRY",
+        )
     row = np.asarray(s0.iop[:3], dtype=np.float64)
     col = np.asarray(s0.iop[3:], dtype=np.float64)
     if np.linalg.norm(row) < 1e-6 or np.linalg.norm(col) < 1e-6:
@@ -1339,12 +1341,12 @@ def _load_stack(
             if plane.shape != (s.rows, s.cols):
                 raise CorruptFileError(f"{what}: a decoded slice has the wrong size.")
             dst = out[n]
-            if s.slope == 1.0:
-                np.copyto(dst, plane, casting="unsafe")
+            if s.slope == 1.0:  # one pass: convert and add the intercept together
+                np.add(plane, np.float32(s.intercept), out=dst, dtype=np.float32)
             else:
-                np.multiply(plane, np.float32(s.slope), out=dst, casting="unsafe")
-            if s.intercept != 0.0:
-                dst += np.float32(s.intercept)
+                np.multiply(plane, np.float32(s.slope), out=dst, dtype=np.float32)
+                if s.intercept != 0.0:
+                    dst += np.float32(s.intercept)
             compressed_zero.append(bool(compressed and not plane.any()))
         return list(compressed_zero)
 
