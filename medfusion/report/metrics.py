@@ -167,8 +167,8 @@ def bootstrap_weights(
 ) -> Iterator[np.ndarray]:
     """Yield (b, n) float arrays of study weights for patient-level bootstrap replicates.
 
-    Each replicate draws as many patients as there are, with replacement (a multinomial
-    draw of patient counts); a study's weight is how often its patient was drawn. Chunks
+    Each replicate draws as many patients as there are, with replacement; a study's weight
+    is how often its patient was drawn. Chunks
     bound memory to about 2 million weights at a time whatever the cohort size.
     """
     rng = np.random.default_rng(seed)
@@ -177,12 +177,14 @@ def bootstrap_weights(
         return
     if chunk is None:
         chunk = int(max(1, min(200, 2_000_000 // max(len(clusters), 1))))
-    uniform = np.full(n_clusters, 1.0 / n_clusters)
     done = 0
     while done < n_bootstrap:
         b = min(chunk, n_bootstrap - done)
-        counts = rng.multinomial(n_clusters, uniform, size=b).astype(np.float64)
-        yield counts[:, clusters]
+        draws = rng.integers(0, n_clusters, size=(b, n_clusters))
+        # counts per (replicate, patient) in one bincount over row-offset patient indices
+        flat = (draws + np.arange(b)[:, None] * n_clusters).ravel()
+        counts = np.bincount(flat, minlength=b * n_clusters).reshape(b, n_clusters)
+        yield counts[:, clusters].astype(np.float64)
         done += b
 
 
@@ -292,14 +294,16 @@ def expected_calibration_error(
 
 def weighted_ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, n_bins: int = 10) -> np.ndarray:
     """Equal-width ECE for each weight row (bins fixed by p, so one matrix product)."""
+    # n_b |mean(p_b) - mean(y_b)| = |sum over the bin of (p - y)|: one product per bin.
     bins = equal_width_bins(p, n_bins)
-    onehot = np.zeros((len(p), n_bins))
-    onehot[np.arange(len(p)), bins] = 1.0
-    sum_p = w @ (onehot * p[:, None])
-    sum_y = w @ (onehot * y[:, None])
-    total = w.sum(axis=1)
+    gap = np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    total_gap = np.zeros(w.shape[0])
+    for b in range(n_bins):
+        members = np.flatnonzero(bins == b)
+        if len(members):
+            total_gap += np.abs(w[:, members] @ gap[members])
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.abs(sum_p - sum_y).sum(axis=1) / total
+        return total_gap / w.sum(axis=1)
 
 
 def adaptive_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
