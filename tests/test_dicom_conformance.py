@@ -130,3 +130,39 @@ def test_siemens_mosaic_refused_clearly(shared_data: Path):
     with pytest.raises(UnsupportedInputError) as err:
         load_volume(shared_data / "dicom/dcm_qa_nih/In/20180918Si/mr_0003")
     assert "dcm2niix" in str(err.value)
+
+
+def test_fast_header_matches_pydicom_on_real_files(shared_data: Path):
+    import pydicom
+
+    from medfusion.io.dicom import _FAST_REFUSE, _FAST_WANTED
+    from medfusion.io.dicom_fast import read_fast_header
+
+    files = [
+        *sorted((shared_data / "dicom/dcm_qa_ct_ge/In/GE").glob("*.dcm"))[:3],
+        *sorted((shared_data / "dicom/dcm_qa_nih/In/20180918GE/mr_0004").glob("*.dcm"))[:3],
+        *sorted((shared_data / "dicom/wg04/REF").glob("*.dcm")),
+        shared_data / "dicom/wg04/JPLL/CT1_JPLL",
+    ]
+    checked = 0
+    for path in files:
+        fast = read_fast_header(str(path), _FAST_WANTED, _FAST_REFUSE)
+        if fast is None:
+            continue
+        header = fast[0]
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in _FAST_WANTED.values():
+            if keyword not in ds or ds[keyword].VR == "SQ" or ds[keyword].value in ("", None):
+                continue
+            ours = header.get(keyword)
+            theirs = ds[keyword].value
+            if ds[keyword].VM > 1:
+                theirs = [v if isinstance(v, str) else float(v) for v in theirs]
+                ours = [v if isinstance(v, str) else float(v) for v in ours]
+            elif isinstance(theirs, (int, float)):
+                theirs, ours = float(theirs), float(ours)
+            else:
+                theirs = str(theirs).strip()
+            assert ours == theirs, (path.name, keyword)
+        checked += 1
+    assert checked >= 8

@@ -270,3 +270,42 @@ def test_load_series_matches_load_volume(tmp_path: Path):
     assert info.key.startswith("se-") and info.study_key.startswith("st-")
     assert "files" not in info.summary()
     np.testing.assert_array_equal(load_series(info).array, arr)
+
+
+# --- fast header walker agrees with pydicom ----------------------------------------------
+def _pydicom_value(ds: pydicom.Dataset, keyword: str):
+    elem = ds[keyword]
+    value = elem.value
+    if elem.VM > 1:
+        return [v if isinstance(v, str) else float(v) for v in value]
+    if isinstance(value, (int, float)):
+        return float(value)
+    return str(value).strip()
+
+
+def _norm(value):
+    if isinstance(value, list):
+        return [v if isinstance(v, str) else float(v) for v in value]
+    return value if isinstance(value, str) else float(value)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", RLELossless])
+def test_fast_header_matches_pydicom(tmp_path: Path, syntax: str):
+    from medfusion.io.dicom import _FAST_REFUSE, _FAST_WANTED
+    from medfusion.io.dicom_fast import read_fast_header
+
+    paths = write_series(tmp_path, _ct((32, 32, 2)), transfer_syntax=syntax, seed=1,
+                         n_private_tags=100, per_slice_tags={0: {"ImageType": "DERIVED"}})
+    for path in paths:
+        fast = read_fast_header(str(path), _FAST_WANTED, _FAST_REFUSE)
+        assert fast is not None
+        header, offset, ts = fast
+        assert ts == syntax
+        ds = pydicom.dcmread(path)
+        assert offset is not None
+        with open(path, "rb") as fp:
+            fp.seek(offset)
+            assert fp.read(4) == b"\xe0\x7f\x10\x00"
+        for keyword in _FAST_WANTED.values():
+            if keyword in ds and ds[keyword].VR != "SQ" and ds[keyword].value not in ("", None):
+                assert _norm(header.get(keyword)) == _pydicom_value(ds, keyword), keyword
