@@ -1,0 +1,174 @@
+"""Saliency back on the scanner grid, written as NIfTI plus a PNG montage.
+
+``DIR/<study_id>/<role>.nii.gz`` holds the map on exactly the source volume's spatial shape
+and affine (sform and qform both set, code 1 "scanner"), float32 in [0, 1], with an empty
+description: no identifier in the header. ``<role>.png`` shows axial slices around the
+peak in radiological display (patient's right on the image's left, anterior up), over the
+source image when given. Files are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from medfusion.errors import ExplanationError, OutputError, UnsafePathError
+from medfusion.types import Explanation, Volume
+
+# a study id becomes one folder name: letters, digits, dot, dash, underscore; no "." / ".."
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def saliency_to_source(values: np.ndarray, prepared: Volume, source: Volume) -> Volume:
+    """A [0, 1] map on the model grid of ``prepared`` -> a Volume on ``source``'s exact grid
+    (spatial shape and affine), via :func:`medfusion.preprocess.map_to_source`."""
+    from medfusion.preprocess import map_to_source
+
+    mapped = map_to_source(np.asarray(values, dtype=np.float32), prepared, source)
+    array = np.clip(np.asarray(mapped.array, dtype=np.float32), 0.0, None)
+    top = float(array.max()) if array.size else 0.0
+    # interpolation onto the source grid can miss the exact peak: rescale so the source
+    # map's own maximum is 1 again (a flat zero map stays zero)
+    array = np.clip(array / top, 0.0, 1.0) if top > 0 else array
+    return Volume(array=array, affine=mapped.affine, modality=source.modality,
+                  history=mapped.history)
+
+
+def _safe_component(name: str, what: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or set(name) <= {"."}:
+        raise UnsafePathError(
+            f"{what} must be a plain name (letters, digits, '.', '-', '_'; no path "
+            "separators); use the study's pseudonymous key."
+        )
+    return name
+
+
+def _atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_nifti(volume: Volume, path: Path) -> None:
+    import nibabel as nib
+
+    array = np.asarray(volume.array, dtype=np.float32)
+    image = nib.Nifti1Image(array, volume.affine)
+    image.set_sform(volume.affine, code=1)
+    image.set_qform(volume.affine, code=1)
+    image.header["descrip"] = b""
+    image.header["aux_file"] = b""
+    image.header["db_name"] = b""
+
+    def write(tmp: str) -> None:
+        # nibabel picks the format from the suffix: keep .nii.gz on the temporary name
+        real = tmp + ".nii.gz"
+        nib.save(image, real)
+        os.replace(real, tmp)
+
+    _atomic(path, write)
+
+
+def _axial_axis(affine: np.ndarray) -> int:
+    """The array axis closest to superior-inferior."""
+    return int(np.argmax(np.abs(affine[2, :3]) / np.linalg.norm(affine[:3, :3], axis=0)))
+
+
+def _display_slices(volume: Volume) -> np.ndarray:
+    """The array in closest-canonical RAS order, so axial slices can be drawn uniformly."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(volume.affine)
+    return nib.orientations.apply_orientation(np.asarray(volume.array[..., :]), ornt)
+
+
+def _write_png(saliency: Volume, background: Volume | None, path: Path, role: str,
+               n_slices: int = 5) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    sal = _display_slices(saliency)
+    bg = None
+    if background is not None:
+        arr = np.asarray(background.array, dtype=np.float32)
+        if arr.ndim == 4:
+            arr = arr[..., 0]
+        if arr.shape == saliency.spatial_shape:
+            bg = _display_slices(Volume(array=arr, affine=background.affine))
+    depth = sal.shape[2]
+    peak_k = int(np.unravel_index(int(np.argmax(sal)), sal.shape)[2])
+    half = n_slices // 2
+    ks = sorted({int(np.clip(peak_k + d * max(1, depth // (2 * n_slices + 1)), 0, depth - 1))
+                 for d in range(-half, half + 1)})
+    fig, axes = plt.subplots(1, len(ks), figsize=(2.2 * len(ks), 2.6), squeeze=False)
+    for ax, k in zip(axes[0], ks, strict=True):
+        # RAS array: axis 0 -> patient right, axis 1 -> anterior. Radiological display:
+        # rows anterior->posterior, columns patient right->left.
+        if bg is not None:
+            b = bg[:, :, k]
+            lo, hi = np.percentile(b, [1, 99]) if b.size else (0.0, 1.0)
+            ax.imshow(b[::-1, ::-1].T, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
+        ax.imshow(sal[::-1, ::-1, k].T, cmap="jet", vmin=0.0, vmax=1.0,
+                  alpha=0.45 if bg is not None else 1.0)
+        ax.set_title(f"{role} axial {k}", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
+
+    try:
+        _atomic(path, write)
+    finally:
+        plt.close(fig)
+
+
+def write_explanation(
+    explanation: Explanation,
+    directory: str | Path,
+    study_id: str,
+    *,
+    images: Mapping[str, Volume] | None = None,
+) -> dict[str, Path]:
+    """Write ``directory/<study_id>/<role>.nii.gz`` and ``<role>.png`` for every saliency map.
+
+    ``study_id`` must be a plain name (use the pseudonymous key); ``images`` (the source
+    volumes by role) are drawn under the PNG overlay when given. Returns the written paths
+    by ``"<role>.nii.gz"`` / ``"<role>.png"``.
+    """
+    if not isinstance(explanation, Explanation):
+        raise ExplanationError("write_explanation needs a medfusion.types.Explanation.")
+    _safe_component(study_id, "study_id")
+    for role in explanation.saliency:
+        _safe_component(role, "role")
+    root = Path(directory)
+    out_dir = root / study_id
+    written: dict[str, Path] = {}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for role, volume in sorted(explanation.saliency.items()):
+            nii = out_dir / f"{role}.nii.gz"
+            png = out_dir / f"{role}.png"
+            _write_nifti(volume, nii)
+            _write_png(volume, (images or {}).get(role), png, role)
+            written[nii.name] = nii
+            written[png.name] = png
+    except OSError as error:
+        raise OutputError(
+            f"could not write saliency maps ({type(error).__name__}); check that the "
+            "saliency folder is writable and the disk has space."
+        ) from None
+    return written
