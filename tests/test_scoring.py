@@ -285,3 +285,28 @@ def test_memory_budget_marks_the_study_and_the_batch_goes_on(
     failures = _rows(out / "failures.csv")
     assert [(r["study_id"], r["code"]) for r in failures] == [("big", "BUDGET_EXCEEDED")]
     assert summary.n_scored == 4
+
+
+def test_loose_dicom_files_are_grouped_by_study_under_pseudonymous_ids(
+    cohort, model_dir: Path, tmp_path: Path  # noqa: ANN001
+) -> None:
+    import pydicom
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    uids = set()
+    for sid in ("study-000", "study-001"):
+        for n, dcm in enumerate(sorted((cohort.studies_dir / sid / "ct").iterdir())):
+            shutil.copy(dcm, root / f"{sid}-{n:03d}.dcm")
+            uids.add(str(pydicom.dcmread(dcm, stop_before_pixels=True).StudyInstanceUID))
+    (root / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    summary = score_folder(root, model_dir, out, workers=0, progress=False)
+    assert (summary.n_studies, summary.n_scored, summary.n_skipped_files) == (2, 2, 1)
+    rows = _rows(out / "scores.csv")
+    assert sorted(r["study_id"] for r in rows) == sorted(
+        pseudonym(uid, prefix="st-") for uid in uids)
+    assert all(r["modalities_used"] == "ct" for r in rows)
+    text = all_output_text(out)
+    assert not any(uid in text for uid in uids)
+    assert "study-00" not in text  # the loose files' names never reach an output

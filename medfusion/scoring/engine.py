@@ -500,6 +500,9 @@ def score_folder(
             preparer.close()
         journal.close()
     n_ok, n_bad = snapshot("complete")
+    staging = out / O.SALIENCY / ".staging"
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
     elapsed = time.monotonic() - t_start
     codes: dict[str, int] = {}
     for rec in journal.records.values():
@@ -561,6 +564,7 @@ def _predict_record(
             if explain:
                 sources = getattr(record["prepared"], "sources", None) or None
                 saliency = write_saliency(out, ref.study_id, pred.explanation, sources)
+                timings["explain_s"] = round(time.perf_counter() - t0 - timings["predict_s"], 4)
         flags = [FLAG_NO_CLINICAL] if no_clinical else []
         row = prediction_row(ref.study_id, pred, labels, modalities, flags, saliency)
     except OutputError:
