@@ -171,8 +171,9 @@ def _class_block(
     n_neg = int(len(y) - n_pos)
     both = n_pos > 0 and n_neg > 0
     if not both:
+        undefined = "AUROC, AUPRC" if n_pos == 0 else "AUROC"
         notes.append(
-            f"{name}: AUROC, AUPRC and calibration slope undefined "
+            f"{name}: {undefined} and calibration slope undefined "
             f"({n_pos} positive, {n_neg} negative studies)."
         )
     auroc = skm.roc_auc_score(y, p) if both else math.nan

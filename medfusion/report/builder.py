@@ -269,9 +269,12 @@ def _gallery(saliency_dir: Path | None, ids: list[str], y: np.ndarray, probs: np
             for png in sorted(folder.glob("*.png"))[:MAX_ROLES_PER_CASE]:
                 if I.safe_child(folder, png.name) is None or not png.is_file():
                     continue
-                if png.stat().st_size > MAX_PNG_BYTES:
+                try:
+                    if png.stat().st_size > MAX_PNG_BYTES:
+                        continue
+                    data = png.read_bytes()
+                except OSError:  # unreadable montage: leave it out of the gallery
                     continue
-                data = png.read_bytes()
                 if not data.startswith(_PNG_MAGIC):
                     continue
                 pngs.append((png.stem, "data:image/png;base64," + base64.b64encode(data).decode()))
@@ -363,8 +366,9 @@ def validation_report(
     idx = np.asarray([i for i, sid in enumerate(sc.study_ids) if sid in lab.truth], dtype=int)
     if len(idx) == 0:
         raise ReportInputError(
-            "no scored study has a label: the study_id values of labels.csv and scores.csv do "
-            "not overlap; use the study ids written in scores.csv",
+            f"no scored study has a label ({len(lab.truth)} studies with a non-empty label, "
+            f"{len(sc.study_ids)} scored, none in common); labels.csv must use the study_id "
+            "values written in scores.csv",
             code="REPORT_NO_OVERLAP",
         )
     ids = [sc.study_ids[i] for i in idx]

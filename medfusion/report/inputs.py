@@ -73,6 +73,11 @@ def _read_csv(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
             f"the {what} file is not a valid CSV ({error}); fix the quoting",
             code="REPORT_BAD_TABLE",
         ) from None
+    except OSError as error:
+        raise ReportInputError(
+            f"the {what} file cannot be read ({error.strerror}); check its permissions",
+            code="REPORT_FILE_UNREADABLE",
+        ) from None
     if not header:
         raise ReportInputError(
             f"the {what} file is empty (no header row)", code="REPORT_BAD_TABLE"
@@ -338,7 +343,12 @@ def read_json(path: Path, what: str) -> dict[str, Any] | None:
         raise ReportInputError(f"{what} is implausibly large", code="REPORT_BAD_TABLE")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except OSError as error:
+        raise ReportInputError(
+            f"{what} cannot be read ({error.strerror}); check its permissions",
+            code="REPORT_FILE_UNREADABLE",
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ReportInputError(
             f"{what} is not valid JSON; pass the file written by medfusion",
             code="REPORT_BAD_TABLE",
