@@ -309,3 +309,29 @@ def test_fast_header_matches_pydicom(tmp_path: Path, syntax: str):
         for keyword in _FAST_WANTED.values():
             if keyword in ds and ds[keyword].VR != "SQ" and ds[keyword].value not in ("", None):
                 assert _norm(header.get(keyword)) == _pydicom_value(ds, keyword), keyword
+
+
+# --- other encodings: bare datasets (no preamble), deflate ---------------------------------
+@pytest.mark.parametrize("implicit", [True, False])
+def test_bare_dataset_without_preamble(tmp_path: Path, implicit: bool):
+    """Old exports without the 128-byte preamble and file meta are read (sniffed by their
+    first element), while other files are never force-read."""
+    arr = _ct((8, 8, 3))
+    for p in write_series(tmp_path / "src", arr, seed=1):
+        ds = pydicom.dcmread(p)
+        ds.preamble = None
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        (tmp_path / "raw").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "raw" / p.name, implicit_vr=implicit, little_endian=True,
+                   enforce_file_format=False)
+    np.testing.assert_array_equal(load_volume(tmp_path / "raw").array, arr)
+
+
+def test_deflated_series(tmp_path: Path):
+    arr = _ct((8, 8, 3))
+    for p in write_series(tmp_path / "src", arr, seed=1):
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        (tmp_path / "defl").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "defl" / p.name)
+    np.testing.assert_array_equal(load_volume(tmp_path / "defl").array, arr)

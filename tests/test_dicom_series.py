@@ -298,3 +298,21 @@ def test_nan_rescale_refused(tmp_path: Path):
         write_series(tmp_path, _random_ct((8, 8, 3)), RescaleSlope="NaN", seed=1)
     with pytest.raises(InvalidValuesError):
         load_volume(tmp_path)
+
+
+def test_gap_in_short_series_is_missing_slice(tmp_path: Path):
+    arr = _random_ct((8, 8, 4))
+    write_series(tmp_path, arr, missing_indices=(1,), seed=2)  # gaps 5.0, 2.5
+    vol = load_volume(tmp_path)
+    missing = next(f for f in vol.issues if f.code == "MISSING_SLICES")
+    assert missing.details["positions_mm"] == [pytest.approx(2.5, abs=1e-3)]
+    assert vol.shape == (8, 8, 4)
+
+
+def test_deliberate_spacing_change_is_uneven_not_missing(tmp_path: Path):
+    arr = _random_ct((8, 8, 8))
+    positions = [0.0, 2.0, 4.0, 6.0, 10.0, 14.0, 18.0, 22.0]
+    write_series(tmp_path, arr, slice_positions=positions, seed=2)
+    vol = load_volume(tmp_path)
+    codes = [f.code for f in vol.issues]
+    assert "UNEVEN_SPACING_RESAMPLED" in codes and "MISSING_SLICES" not in codes

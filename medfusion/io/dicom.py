@@ -30,7 +30,13 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from medfusion.errors import (
     CorruptFileError,
@@ -384,8 +390,12 @@ def _read_header(path: Path) -> tuple[_FileHeader | None, str | None]:
         has_pixels = len(tail) >= 4 and tail[:4] in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
         fm = getattr(ds, "file_meta", None)
         ts = str(fm.get("TransferSyntaxUID", "")) if fm is not None else ""
-        if not ts:
-            ts = str(ImplicitVRLittleEndian)
+        if not ts:  # a bare dataset: take the encoding pydicom detected
+            implicit, little = getattr(ds, "original_encoding", (True, True))
+            ts = str(ImplicitVRLittleEndian if implicit else
+                     ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        if ts == DeflatedExplicitVRLittleEndian:
+            has_pixels = True  # the file position says nothing inside a deflated stream
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
         return None, "DICOMDIR"
@@ -1150,15 +1160,19 @@ def _assemble_stack(
         tol = max(_SPACING_REL_TOL * med, 1e-3)
         if np.any(np.abs(gaps - med) > tol):
             irregular = True
-            ratios = gaps / med
+            # A gap in a regular series: every gap is a whole multiple of the smallest one,
+            # and most gaps are that smallest one (else it is a deliberate spacing change).
+            base = float(gaps.min())
+            ratios = gaps / base
             near_int = np.abs(ratios - np.round(ratios)) <= 0.1
-            if np.all(near_int) and np.all(np.round(ratios) >= 1):
+            at_base = np.abs(gaps - base) <= max(_SPACING_REL_TOL * base, 1e-3)
+            if np.all(near_int) and at_base.sum() >= (~at_base).sum():
                 for n, r in enumerate(np.round(ratios).astype(int)):
                     for m in range(1, r):
-                        missing_mm.append(round(float(d[n] + m * med), 3))
+                        missing_mm.append(round(float(d[n] + m * base), 3))
     if missing_mm:
         detail = {"positions_mm": missing_mm, "count": len(missing_mm),
-                  "regular_spacing_mm": round(float(np.median(np.diff(d))), 4)}
+                  "regular_spacing_mm": round(float(np.diff(d).min()), 4)}
         if strict:
             raise MissingSlicesError(
                 f"{what}: {len(missing_mm)} slice(s) missing at {missing_mm} mm along the "
