@@ -335,3 +335,29 @@ def test_deflated_series(tmp_path: Path):
         (tmp_path / "defl").mkdir(exist_ok=True)
         ds.save_as(tmp_path / "defl" / p.name)
     np.testing.assert_array_equal(load_volume(tmp_path / "defl").array, arr)
+
+
+# --- malformed values: typed errors only, nothing identifying printed ---------------------
+def test_malformed_voi_lut_is_typed_error(tmp_path: Path):
+    path = write_radiograph(tmp_path / "v.dcm", RNG.integers(0, 4096, (8, 8)),
+                            voi_lut={"lut": np.arange(4096) // 16, "first_mapped": 0, "bits": 8})
+    ds = pydicom.dcmread(path)
+    del ds.VOILUTSequence[0].LUTDescriptor
+    ds.save_as(path)
+    with pytest.raises(MedfusionError) as err:
+        load_volume(path)
+    assert err.value.code == "CORRUPT"
+
+
+def test_invalid_value_holding_identifier_not_printed(tmp_path: Path, capsys, caplog):
+    arr = _ct((8, 8, 3))
+    for p in write_series(tmp_path, arr, seed=1, SliceThickness="999999", KVP="888888"):
+        # invalid DS values quoting an identifier (pydicom's warnings quote the value)
+        p.write_bytes(p.read_bytes().replace(b"999999", b"ZZTEST").replace(b"888888", b"ZZTEST"))
+    try:
+        vol = load_volume(tmp_path)
+        text = json.dumps(dict(vol.meta), default=str) + repr(vol.issues)
+    except MedfusionError as exc:
+        text = str(exc)
+    captured = capsys.readouterr()
+    _assert_clean(text + captured.out + captured.err + caplog.text)

@@ -18,8 +18,11 @@ Reader contract (what :func:`load_series` / :func:`load_dicom_file` return):
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +45,7 @@ from medfusion.errors import (
     CorruptFileError,
     GeometryError,
     InvalidValuesError,
+    LimitExceededError,
     MedfusionError,
     MissingSlicesError,
     NotDicomError,
@@ -442,6 +446,42 @@ def _header_iop(ds: Dataset) -> tuple[float, ...] | None:
     return _floats(ds.get("ImageOrientationPatient"), 6)
 
 
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a public loader quietly and keep its contract on bad input.
+
+    pydicom warns and logs about malformed values, sometimes quoting them (a patient name
+    included), so its warnings and its logger are silenced for the call. Any exception that
+    is not a :class:`MedfusionError` becomes ``CorruptFileError`` (no other type escapes a
+    loader on bad input); the message names the exception type, never a value or path.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logger = logging.getLogger("pydicom")
+        was_disabled = logger.disabled
+        logger.disabled = True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return fn(*args, **kwargs)
+        except MedfusionError:
+            raise
+        except MemoryError:
+            raise LimitExceededError(
+                "not enough memory to load the image; free memory or lower the input size.",
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - the contract: typed errors only
+            raise CorruptFileError(
+                f"malformed DICOM input ({type(exc).__name__} while reading). Check or "
+                "re-export the files; if they are valid, report this as a medfusion bug.",
+            ) from None
+        finally:
+            logger.disabled = was_disabled
+
+    return wrapper
+
+
+@_guarded
 def scan_dicom(paths: Iterable[str | Path]) -> DicomScan:
     """Header-only pass over files: group them into series, skip what is not an image.
 
@@ -1270,13 +1310,56 @@ def _assemble_stack(
 # ======================================================================================
 # loading
 # ======================================================================================
-def _meta(ds: Dataset, info: SeriesInfo | None) -> dict[str, Any]:
+_META_NUMERIC = frozenset({"MagneticFieldStrength", "SliceThickness", "SpacingBetweenSlices",
+                           "KVP", "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle",
+                           "BitsStored"})
+_META_FREE = frozenset({"Manufacturer", "ManufacturerModelName", "ConvolutionKernel"})
+_CODE_STRING = re.compile(r"^[A-Z0-9 _]{0,16}$")
+
+
+def _meta_value(tag: str, value: Any, ds: Any) -> Any:
+    """An allow-listed value, validated by kind; None when it does not look like one.
+
+    A malformed header can put anything in any tag (a name in KVP), so numbers must parse,
+    code strings must be DICOM code strings, and the few free-text tags are scrubbed of the
+    header's own identifiers.
+    """
+    values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" \
+        else [value]
+    out: list[Any] = []
+    for v in values:
+        if tag in _META_NUMERIC:
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                return None
+            if not math.isfinite(f):
+                return None
+            out.append(f)
+        elif tag in _META_FREE:
+            out.append(_scrub(str(v), ds)[:64])
+        else:
+            text = str(v).strip()
+            if not _CODE_STRING.match(text):
+                return None
+            out.append(text)
+    if not out:
+        return None
+    return out[0] if len(out) == 1 else out
+
+
+def _meta(ds: Any, info: SeriesInfo | None) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for tag in META_ALLOW_LIST:
-        value = ds.get(tag)
+        try:
+            value = ds.get(tag)
+        except Exception:  # noqa: BLE001 - an unparsable value is simply left out
+            continue
         if value is None or value == "":
             continue
-        meta[tag] = _json_value(value)
+        checked = _meta_value(tag, value, ds)
+        if checked is not None:
+            meta[tag] = checked
     if info is not None:
         meta["series_key"] = info.key
         meta["study_key"] = info.study_key
@@ -1295,6 +1378,7 @@ def _series_label(info: SeriesInfo) -> str:
     return f"series {info.key} ({info.modality}, {info.n_instances} file(s))"
 
 
+@_guarded
 def load_series(info: SeriesInfo, *, strict: bool = False) -> Volume:
     """Load one series found by :func:`scan_dicom` into a :class:`Volume`.
 
@@ -1536,6 +1620,7 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
                   modality=info.modality, meta=meta, issues=tuple(findings))
 
 
+@_guarded
 def load_dicom_file(path: str | Path, *, strict: bool = False) -> Volume:
     """Load one DICOM file: a radiograph (CR/DX/DR, single- or multi-frame), an enhanced
     multi-frame CT/MR, or a lone cross-sectional slice (K = 1)."""
