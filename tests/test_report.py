@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,25 @@ def test_cli_report_and_clean_error(tmp_path: Path) -> None:
                               "--labels", str(batch["labels"]), "--out", str(out)])
     assert bad.exit_code == 1 and "REPORT_FILE_MISSING" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_run_audit_checks_the_model_card_digest(binary: dict, tmp_path: Path) -> None:
+    checks = {c["check"]: c["result"] for c in binary["report"]["run"]["checks"]}
+    assert checks["model card digest in run.json matches --model"] == "FAIL"  # 000... in run
+    # a run.json that recorded this card's digest passes
+    from medfusion.report.inputs import card_sha256
+
+    model = binary["root"] / "model"
+    card = json.loads((model / "model.json").read_text())
+    out = binary["out"]
+    shutil.copytree(out, tmp_path / "OUT")
+    run = json.loads((tmp_path / "OUT" / "run.json").read_text())
+    run["model"]["card_sha256"] = card_sha256(card)
+    run["status"] = "complete"
+    (tmp_path / "OUT" / "run.json").write_text(json.dumps(run))
+    r = validation_report(tmp_path / "OUT" / "scores.csv", binary["labels"], tmp_path / "R",
+                          model_dir=model, n_bootstrap=0)
+    checks = {c["check"]: c["result"] for c in r["run"]["checks"]}
+    assert set(checks.values()) == {"pass"} and len(checks) == 3
+    html = (tmp_path / "R" / "report.html").read_text()
+    assert "Full model card" in html and SENTINEL not in html

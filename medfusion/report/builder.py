@@ -35,6 +35,10 @@ _WITHHELD_KEY = re.compile(
     r"|operator|physician|referring|site_name|station",
     re.IGNORECASE,
 )
+# ... except plain counts under file/folder-ish keys (e.g. skipped_files: 3).
+_COUNT_OK_KEY = re.compile(r"file|folder|dir|path", re.IGNORECASE)
+_NEVER_KEY = re.compile(r"patient|uid|accession|institution|birth|operator|physician|referring",
+                        re.IGNORECASE)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _KEY = re.compile(r"st-[0-9a-f]{12}")
 
@@ -88,7 +92,9 @@ def _sanitise(value: Any, depth: int = 0) -> Any:
         out = {}
         for k, v in value.items():
             key = str(k)
-            out[key] = "(withheld)" if _WITHHELD_KEY.search(key) else _sanitise(v, depth + 1)
+            count = type(v) is int and _COUNT_OK_KEY.search(key) and not _NEVER_KEY.search(key)
+            withheld = _WITHHELD_KEY.search(key) and not count
+            out[key] = "(withheld)" if withheld else _sanitise(v, depth + 1)
         return out
     if isinstance(value, list):
         if len(value) > 40:

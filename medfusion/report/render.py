@@ -33,6 +33,7 @@ background:#fbfcfd}
 border-radius:6px;max-width:330px;font-size:.82em}
 .case img{max-width:320px;display:block;margin:4px 0}
 code{background:#eef2f6;padding:0 3px;border-radius:3px}
+details{margin:8px 0}summary{cursor:pointer;color:#1f5f99}
 """
 
 # No network at all: images only from data: URIs, styles only inline.
@@ -306,12 +307,31 @@ def _kv(data: Any, depth: int = 0) -> str:
     return _n(data, 4) if isinstance(data, float) else _e(data)
 
 
+def _card_summary(card: dict) -> dict:
+    """The few card entries a reviewer looks for first (whatever exists of them)."""
+    content = card.get("content") or {}
+    summary: dict = {"labels": card.get("labels"), "roles": card.get("roles"),
+                     "card SHA-256": card.get("card_sha256")}
+    for key in ("medfusion_version", "weights_sha256", "metrics"):
+        if key in content:
+            summary[key] = content[key]
+    recipe = content.get("recipe")
+    if isinstance(recipe, dict):
+        summary["recipe"] = {k: recipe[k] for k in ("encoder", "fusion", "epochs", "ensemble",
+                                                     "modality_dropout") if k in recipe}
+    calibration = content.get("calibration")
+    if isinstance(calibration, dict) and isinstance(calibration.get("temperature"), dict):
+        summary["temperature"] = calibration["temperature"].get("temperature")
+    return summary
+
+
 def _card(r: dict) -> str:
     out = []
     card = r.get("model_card")
     if card:
-        out.append(f"<p>Model card SHA-256 <code>{_e(card['card_sha256'])}</code></p>")
-        out.append(_kv(card["content"]))
+        out.append(_kv(_card_summary(card)))
+        # <details> folds the full card without any script
+        out.append(f"<details><summary>Full model card</summary>{_kv(card['content'])}</details>")
     else:
         out.append("<p>No model package given (use <code>--model MODEL_DIR</code>).</p>")
     run = r.get("run")
@@ -320,7 +340,10 @@ def _card(r: dict) -> str:
         if run["checks"]:
             out.append(_table(["check", "result"],
                               [[_e(c["check"]), _e(c["result"])] for c in run["checks"]], 2))
-        out.append(_kv(run["summary"]))
+        if run.get("versions"):
+            out.append("<p>Versions of the scoring run:</p>" + _kv(run["versions"]))
+        out.append(f"<details><summary>Full run.json (identifiers and paths withheld)</summary>"
+                   f"{_kv(run['summary'])}</details>")
     else:
         out.append("<p>No run.json next to scores.csv.</p>")
     return "".join(out)
