@@ -340,6 +340,13 @@ class FusionModel:
         raw = member_probs.mean(axis=0)
         probs = self.calibrated(raw)
         uncertainty = self._uncertainty(probs, member_probs)
+        # MC dropout (single-network models) and modality Shapley values: medfusion.uncertainty
+        from medfusion.uncertainty.trust import trust_outputs
+
+        trust = trust_outputs(self, images, clinical, present, probs)
+        if trust.mutual_info is not None:
+            uncertainty["mutual_info"] = list(trust.mutual_info)
+            uncertainty["prob_std"] = list(trust.prob_std or [])
         sets = (self.conformal.prediction_sets(probs, alpha=alpha)
                 if self.conformal is not None else None)
         out: list[Prediction] = []
@@ -364,6 +371,7 @@ class FusionModel:
                 prob_std=uncertainty["prob_std"][i],
                 prediction_set=pset,
                 abstain=None if pset is None else len(pset) != 1,
+                shapley=trust.shapley[i],
                 explanation=explanation,
                 flags=prep.flags,
             ))
@@ -457,7 +465,11 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
         cells.append("")
         lines.append(cells)
         if writer_fn is not None and pred.explanation is not None:
-            writer_fn(pred.explanation, Path(saliency_dir), row.study_id)
+            try:
+                writer_fn(pred.explanation, Path(saliency_dir), row.study_id,
+                          images=study.volumes)
+            except MedfusionError as exc:
+                log.warning("manifest line %d: saliency not written (%s)", row.line, exc.code)
     try:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out_csv.parent, suffix=".tmp")
