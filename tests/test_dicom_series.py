@@ -316,3 +316,16 @@ def test_deliberate_spacing_change_is_uneven_not_missing(tmp_path: Path):
     vol = load_volume(tmp_path)
     codes = [f.code for f in vol.issues]
     assert "UNEVEN_SPACING_RESAMPLED" in codes and "MISSING_SLICES" not in codes
+
+
+def test_localizer_inside_series_set_aside(tmp_path: Path):
+    arr = _random_ct((8, 8, 4))
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    write_series(tmp_path, arr, series_uid=uid, seed=1)
+    scout = series_affine((10, 8, 1), spacing=(1.0, 1.0, 1.0))
+    scout[:3, :3] = np.array([[-1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])  # coronal
+    write_series(tmp_path, _random_ct((10, 8, 1)), affine=scout, series_uid=uid, seed=2,
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    vol = load_volume(tmp_path)
+    np.testing.assert_array_equal(vol.array, arr)
+    assert "LOCALIZER_EXCLUDED" in [f.code for f in vol.issues]

@@ -1416,6 +1416,20 @@ def _load_stack(
 ) -> Volume:
     ds0 = headers[0].ds
     _check_mosaic(ds0, what)
+    pre_findings: list[Finding] = []
+    localizer = [_is_localizer(h.ds) for h in headers]
+    if any(localizer) and not all(localizer):
+        # Some scanners file the scout images in the axial series: they are not part of
+        # the stack (other orientation or size), so they are set aside and recorded.
+        headers = [h for h, loc in zip(headers, localizer, strict=True) if not loc]
+        ds0 = headers[0].ds
+        pre_findings.append(
+            Finding(
+                "LOCALIZER_EXCLUDED",
+                f"{sum(localizer)} localizer image(s) in the series were not stacked.",
+                {"count": int(sum(localizer))},
+            )
+        )
     slices: list[_Slice] = []
     for n, h in enumerate(headers):
         if h.n_frames > 1:
@@ -1454,7 +1468,13 @@ def _load_stack(
     meta = _meta(ds0, info)
     meta.update(extra)
     return Volume(array=arr, affine=affine, modality=info.modality, meta=meta,
-                  issues=tuple(findings))
+                  issues=(*pre_findings, *findings))
+
+
+def _is_localizer(ds: Any) -> bool:
+    value = ds.get("ImageType") or []
+    values = [value] if isinstance(value, str) else list(value)
+    return "LOCALIZER" in [str(v).upper() for v in values]
 
 
 def _full_header(h: _FileHeader, what: str) -> Dataset:
