@@ -49,6 +49,8 @@ class FastHeader:
         return keyword in self._values
 
     def __getattr__(self, keyword: str) -> Any:
+        if keyword.startswith("_"):  # never recurse (e.g. while copying or unpickling)
+            raise AttributeError(keyword)
         try:
             return self._values[keyword]
         except KeyError:
