@@ -109,6 +109,15 @@ def test_float_jitter_is_not_uneven(tmp_path: Path):
     np.testing.assert_array_equal(vol.array, arr)
 
 
+def test_two_decimal_positions_thin_slices_not_uneven(tmp_path: Path):
+    arr = _random_ct((8, 8, 12))
+    positions = np.round(np.arange(12) * 0.625, 2)  # gaps 0.62 / 0.63
+    write_series(tmp_path, arr, slice_positions=positions, spacing=(0.7, 0.7, 0.625), seed=5)
+    vol = load_volume(tmp_path, strict=True)
+    assert vol.issues == ()
+    np.testing.assert_array_equal(vol.array, arr)
+
+
 # --- B2 missing slice --------------------------------------------------------------------
 def test_missing_slice_reported_interpolated_and_strict_refuses(tmp_path: Path):
     arr = _random_ct((8, 8, 10))

@@ -762,6 +762,8 @@ class _Slice:
 
 _POS_TOL_MM = 0.01  # two slices closer than this along the normal share a position
 _SPACING_REL_TOL = 0.01  # |gap - median| / median under this is float jitter (B3)
+# ... or under this many mm: positions written with 2 decimals jitter gaps by up to 0.01 mm
+_SPACING_ABS_TOL_MM = 0.015
 _TILT_MIN_DEG = 0.1
 
 
@@ -1197,7 +1199,7 @@ def _assemble_stack(
             tilt_deg = 0.0
         gaps = np.diff(d)
         med = float(np.median(gaps))
-        tol = max(_SPACING_REL_TOL * med, 1e-3)
+        tol = max(_SPACING_REL_TOL * med, _SPACING_ABS_TOL_MM)
         if np.any(np.abs(gaps - med) > tol):
             irregular = True
             # A gap in a regular series: every gap is a whole multiple of the smallest one,
@@ -1205,7 +1207,7 @@ def _assemble_stack(
             base = float(gaps.min())
             ratios = gaps / base
             near_int = np.abs(ratios - np.round(ratios)) <= 0.1
-            at_base = np.abs(gaps - base) <= max(_SPACING_REL_TOL * base, 1e-3)
+            at_base = np.abs(gaps - base) <= max(_SPACING_REL_TOL * base, _SPACING_ABS_TOL_MM)
             if np.all(near_int) and at_base.sum() >= (~at_base).sum():
                 for n, r in enumerate(np.round(ratios).astype(int)):
                     for m in range(1, r):
