@@ -367,6 +367,7 @@ def _multiclass_summary(
     ece_top, table = M.expected_calibration_error(correct, top_conf, 10)
     sens = macro("sensitivity")
     spec = macro("specificity")
+    none = "none (macro average)"
     out = {
         "auroc": _boot(macro("auroc"), macro_reps("auroc")),
         "auprc": _boot(macro("auprc"), macro_reps("auprc")),
@@ -378,7 +379,9 @@ def _multiclass_summary(
         "calibration": M.calibration_fit(correct, top_conf),
         "reliability": table,
         "sensitivity": _boot(sens, reps.get("balanced_accuracy")),
-        "specificity": {**_boot(spec, None), "ci_method": "none (macro average)"},
+        "specificity": {**_boot(spec, None), "ci_method": none},
+        "ppv": {**_boot(macro("ppv"), None), "ci_method": none},
+        "npv": {**_boot(macro("npv"), None), "ci_method": none},
         "averaging": (
             "macro over classes, one-vs-rest; brier = multiclass Brier (sum over classes, "
             "range 0-2); ece / reliability / calibration on the top-label confidence; "

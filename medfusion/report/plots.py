@@ -81,16 +81,25 @@ def reliability_plot(table: Sequence[dict], title: str, xlabel: str) -> str:
     return to_data_uri(fig)
 
 
-def decision_curve_plot(curve: dict, label: str) -> str:
+def decision_curve_plot(curves: dict[str, dict]) -> str:
+    """Net benefit of the model (solid) and of treating all (dashed) per positive class."""
     fig, ax = _figure()
-    t = np.asarray(curve["thresholds"])
-    model = np.asarray(curve["model"])
-    treat_all = np.asarray(curve["treat_all"])
-    ax.plot(t, model, color=_COLOURS[0], label="model")
-    ax.plot(t, treat_all, color=_COLOURS[1], linestyle="--", label="treat all")
+    top = 0.05
+    t = np.zeros(0)
+    for i, (label, curve) in enumerate(curves.items()):
+        t = np.asarray(curve["thresholds"])
+        model = np.asarray(curve["model"], dtype=float)
+        treat_all = np.asarray(curve["treat_all"], dtype=float)
+        colour = _COLOURS[i % 6]
+        name = "model" if len(curves) == 1 else f"model: {label}"
+        ax.plot(t, model, color=colour, label=name)
+        ax.plot(t, treat_all, color=colour if len(curves) > 1 else _COLOURS[1], linestyle="--",
+                label="treat all" if len(curves) == 1 else f"treat all: {label}")
+        if len(t):
+            top = max(top, float(np.nanmax(np.r_[model, treat_all, 0.0])))
     ax.plot(t, np.zeros_like(t), color="#555555", linestyle=":", label="treat none")
-    top = float(np.nanmax(np.r_[model, treat_all, 0.0])) if len(t) else 1.0
-    ax.set(xlim=(0, 1), ylim=(-0.05 * max(top, 0.05), max(top, 0.05) * 1.1),
+    label = next(iter(curves)) if len(curves) == 1 else "class, one vs rest"
+    ax.set(xlim=(0, 1), ylim=(-0.05 * top, top * 1.1),
            xlabel=f"threshold probability ({label})", ylabel="net benefit",
            title="Decision curve")
     ax.legend(loc="upper right", fontsize=7)

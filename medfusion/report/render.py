@@ -138,10 +138,19 @@ def _discrimination(r: dict) -> str:
 
 def _threshold(r: dict) -> str:
     out = f"<p>Decision rule: <code>{_e(r['decision_rule'])}</code>.</p>"
-    rows = [[_e(name), _prop(r.get(key))] for name, key in (
-        ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("PPV", "ppv"),
-        ("NPV", "npv"), ("accuracy", "accuracy"))]
-    out += _table(["measure", "value [Wilson 95% CI] (count)"], rows)
+    if r.get("positive_label"):
+        rows = [[_e(name), _prop(r.get(key))] for name, key in (
+            ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("PPV", "ppv"),
+            ("NPV", "npv"), ("accuracy", "accuracy"))]
+        out += _table(["measure", "value [Wilson 95% CI] (count)"], rows)
+    else:
+        rows = [["macro sensitivity (balanced accuracy)", _ci(r["sensitivity"]),
+                 "patient bootstrap"],
+                ["macro specificity", _ci(r["specificity"]), "none"],
+                ["macro PPV", _ci(r.get("ppv")), "none"],
+                ["macro NPV", _ci(r.get("npv")), "none"],
+                ["accuracy", _prop(r["accuracy"]), "Wilson"]]
+        out += _table(["measure", "value [95% CI]", "interval"], rows)
     if r.get("per_class"):
         rows = [[_e(lab), _prop(b["sensitivity"]), _prop(b["specificity"]), _prop(b["ppv"]),
                  _prop(b["npv"])] for lab, b in r["per_class"].items()]
@@ -176,15 +185,25 @@ def _calibration(r: dict) -> str:
 
 
 def _utility(r: dict) -> str:
-    curve = r.get("decision_curve")
-    if not curve:
-        return "<p>Decision curve needs a positive class (binary model or --positive-label).</p>"
-    fig = plots.decision_curve_plot(curve, r["positive_label"])
-    picks = [i for i, t in enumerate(curve["thresholds"]) if round(t * 100) % 10 == 0]
-    rows = [[_n(curve["thresholds"][i], 2), _n(curve["model"][i], 4),
-             _n(curve["treat_all"][i], 4)] for i in picks]
-    return (f'<div class="figs">{_img(fig, "decision curve")}</div>'
-            + _table(["threshold", "net benefit (model)", "net benefit (treat all)"], rows, 0))
+    if r.get("decision_curve"):
+        curves = {r["positive_label"]: r["decision_curve"]}
+    else:  # multiclass without a positive class: one-vs-rest curve per class
+        curves = {lab: b["decision_curve"] for lab, b in (r.get("per_class") or {}).items()
+                  if b.get("decision_curve")}
+    if not curves:
+        return "<p>No decision curve could be computed.</p>"
+    fig = plots.decision_curve_plot(curves)
+    rows = []
+    for label, curve in curves.items():
+        picks = [i for i, t in enumerate(curve["thresholds"]) if round(t * 100) % 10 == 0]
+        rows += [[_e(label), _n(curve["thresholds"][i], 2), _n(curve["model"][i], 4),
+                  _n(curve["treat_all"][i], 4)] for i in picks]
+    note = ("" if r.get("decision_curve") else
+            '<p class="note">No positive class was named: one-vs-rest curves per class '
+            "(net benefit of treating when p(class) >= threshold).</p>")
+    return (note + f'<div class="figs">{_img(fig, "decision curve")}</div>'
+            + _table(["positive class", "threshold", "net benefit (model)",
+                      "net benefit (treat all)"], rows, 1))
 
 
 def _uncertainty(r: dict) -> str:
@@ -223,8 +242,10 @@ def _subgroups(r: dict) -> str:
         rows, forest = [], []
         for level, b in levels.items():
             cal = b.get("calibration") or {}
+            positives = (_n(b["n_positive"]) if "n_positive" in b else
+                         ", ".join(f"{_e(k)}: {v}" for k, v in b["class_counts"].items()))
             rows.append([
-                _e(level), _n(b["n"]), _n(b.get("n_positive", "")), _ci(b["auroc"]),
+                _e(level), _n(b["n"]), positives, _ci(b["auroc"]),
                 _ci(b["auprc"]), _ci(b["sensitivity"]), _ci(b["specificity"]),
                 _ci(b.get("ppv")), _ci(b.get("npv")), _n(b["brier"]), _n(b["ece"]),
                 _n(cal.get("slope")),
@@ -233,7 +254,8 @@ def _subgroups(r: dict) -> str:
             forest.append((level, _f(a.get("value")), _f(a.get("ci_low")), _f(a.get("ci_high")),
                            b["n"]))
         out.append(f"<h3>{_e(column)}</h3>")
-        out.append(_table(["level", "n", "positives", "AUROC", "AUPRC", "sensitivity",
+        counts = "positives" if r.get("positive_label") else "per class"
+        out.append(_table(["level", "n", counts, "AUROC", "AUPRC", "sensitivity",
                            "specificity", "PPV", "NPV", "Brier", "ECE", "cal. slope"], rows))
         fig = plots.forest_plot(forest, _f(r["auroc"]["value"]))
         out.append(f'<div class="figs">{_img(fig, "AUROC by subgroup")}</div>')
