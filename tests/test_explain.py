@@ -104,6 +104,12 @@ def test_hooks_are_removed_and_bad_requests_refused(trained) -> None:
     net.eval()
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in buffers.items())
     assert all(not m._forward_hooks and not m._backward_hooks for m in net.modules())
+    # the single-input wrapper Grad-CAM sees is exactly the fusion network
+    from medfusion.explain.gradcam import RoleForward
+
+    with torch.no_grad():
+        wrapped = RoleForward(net, "ct", images, clinical, present)(images["ct"])
+        assert torch.equal(wrapped, net(images, clinical, present).logits)
     with pytest.raises(ExplanationError):
         role_cam(net, "mr", images, clinical, present, 1)
     with pytest.raises(ExplanationError):

@@ -128,7 +128,12 @@ def target_layer(net: nn.Module, role: str) -> str:
 
 class RoleForward(nn.Module):
     """``forward(x) -> logits`` of the fusion network with ``x`` in ``role``; everything
-    else fixed. For a 2D (X-ray) role ``x`` is (B, 1, I, J) and gains the unit depth axis."""
+    else fixed. For a 2D (X-ray) role ``x`` is (B, 1, I, J) and gains the unit depth axis.
+
+    The other modalities' embeddings are computed once, without gradients, at construction:
+    each Grad-CAM call then runs only this role's encoder and the fusion head (the encoders
+    are independent, so the logits are exactly those of the full network in eval mode).
+    """
 
     def __init__(
         self,
@@ -142,14 +147,31 @@ class RoleForward(nn.Module):
         self.net = net
         self.role = role
         self.two_d = int(_role_config(net, role).spatial_dims) == 2
-        self._images = {k: v for k, v in images.items() if k != role}
-        self._clinical = clinical
-        self._present = present
+        self._present = torch.as_tensor(present).to(torch.bool)
+        self._index = list(net.modalities).index(role)
+        self._only_role = torch.zeros_like(self._present)
+        self._only_role[:, self._index] = True
+        others = self._present.clone()
+        others[:, self._index] = False
+        was_training = net.training
+        try:
+            net.eval()
+            with torch.no_grad():
+                if bool(others.any(dim=1).all()):
+                    fixed = net.encode(images, clinical, others)
+                else:  # some sample has only this role: zeros elsewhere, as encode gives
+                    fixed = net.encode(images, clinical, self._present).zero_()
+        finally:
+            net.train(was_training)
+        self._fixed = fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        images = dict(self._images)
-        images[self.role] = x.unsqueeze(-1) if self.two_d else x
-        return self.net(images, self._clinical, self._present).logits
+        x = x.unsqueeze(-1) if self.two_d else x
+        k = x.shape[0]
+        emb_role = self.net.encode({self.role: x}, None, self._only_role[:k])[:, self._index]
+        emb = self._fixed[:k].clone()
+        emb[:, self._index] = emb_role
+        return self.net.head(emb, self._present[:k]).logits
 
 
 def _normalize01(cam: torch.Tensor) -> np.ndarray:
