@@ -290,3 +290,12 @@ def test_run_audit_checks_the_model_card_digest(binary: dict, tmp_path: Path) ->
     assert set(checks.values()) == {"pass"} and len(checks) == 3
     html = (tmp_path / "R" / "report.html").read_text()
     assert "Full model card" in html and SENTINEL not in html
+
+
+def test_default_positive_class_is_the_non_negative_label() -> None:
+    from medfusion.report.builder import default_positive
+
+    assert default_positive(("abnormal", "normal")) == 0
+    assert default_positive(("Normal", "lesion")) == 1
+    assert default_positive(("malignant", "benign")) == 0
+    assert default_positive(("cat", "dog")) == 1  # no negative name: the second label

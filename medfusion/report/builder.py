@@ -139,6 +139,20 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
+_NEGATIVE_NAMES = {"normal", "negative", "neg", "benign", "healthy", "control", "absent", "no",
+                   "0", "false", "none", "non-case", "noncase", "without"}
+
+
+def default_positive(labels: Sequence[str]) -> int:
+    """Index of the positive class of a binary model when none is named: the label that is
+    not a "negative" name (normal, negative, benign, healthy, control, 0, ...) when exactly
+    one of the two is; otherwise the second label in model order."""
+    negative = [lab.strip().lower() in _NEGATIVE_NAMES for lab in labels]
+    if negative.count(True) == 1:
+        return negative.index(False)
+    return 1
+
+
 def _task(labels: tuple[str, ...], positive_label: str | None, threshold: float | None) -> Task:
     if threshold is not None and not (0.0 < float(threshold) < 1.0):
         raise ReportInputError(
@@ -150,8 +164,8 @@ def _task(labels: tuple[str, ...], positive_label: str | None, threshold: float 
             code="REPORT_UNKNOWN_LABEL",
         )
     if len(labels) == 2:
-        # Binary: the second label (model order) is the positive class unless stated.
-        positive = labels.index(positive_label) if positive_label is not None else 1
+        positive = (labels.index(positive_label) if positive_label is not None
+                    else default_positive(labels))
         return Task(labels, positive, 0.5 if threshold is None else float(threshold))
     if positive_label is not None:
         return Task(labels, labels.index(positive_label), 0.5 if threshold is None else threshold)
@@ -346,7 +360,8 @@ def validation_report(
     (one self-contained file, no external resources) and returns the report.json content.
     ``failures.csv`` and ``run.json`` are read from next to ``scores``; the saliency folder
     defaults to ``saliency/`` next to ``scores`` when present. Binary models: the positive
-    class is ``positive_label`` or the second label, decisions ``p >= threshold`` (0.5).
+    class is ``positive_label``, else the non-"negative" label (see :func:`default_positive`),
+    else the second label; decisions ``p >= threshold`` (0.5).
     Multiclass: one-vs-rest per class, macro summaries and argmax decisions unless a
     ``positive_label`` is given. Bad input raises :class:`ReportInputError`.
     """
@@ -478,6 +493,7 @@ def validation_report(
             "calibration_logit_clip": 1e-6,
             "subgroup_columns": list(subgroups),
         },
+        "definitions": _definitions(task),
         "versions": {
             "medfusion": __version__,
             "numpy": np.__version__,
@@ -500,6 +516,34 @@ def validation_report(
                   (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     _write_atomic(out_dir / "report.html", html.encode("utf-8"))
     return report
+
+
+def _definitions(task: Task) -> dict[str, str]:
+    """How each headline number is defined, so it can be recomputed independently."""
+    multi = task.positive is None
+    return {
+        "positive_label": "none: macro over classes" if multi else (
+            "--positive-label, else the label that is not a negative name (normal, negative, "
+            "benign, healthy, control, 0, ...), else the second label"),
+        "threshold": "argmax" if multi else "decision: p(positive) >= threshold",
+        "auroc": "sklearn roc_auc_score" + (", one-vs-rest per class, macro mean" if multi
+                                            else " on p(positive)"),
+        "auprc": "sklearn average_precision_score" + (", one-vs-rest, macro mean" if multi
+                                                      else " on p(positive)"),
+        "ci": "auroc/auprc/brier/ece: percentile patient bootstrap (patient_id clusters); "
+              "auroc.delong: DeLong normal interval; proportions: Wilson score",
+        "brier": "multiclass Brier: mean of sum_k (p_k - y_k)^2" if multi else
+                 "sklearn brier_score_loss on p(positive)",
+        "ece": ("top-label" if multi else "p(positive) vs outcome")
+               + ": 10 equal-width bins [k/10, (k+1)/10), last bin closed, "
+                 "sum_b n_b/n |mean(p) - mean(y)|",
+        "ece_top_label": "confidence = max probability, correct = argmax/threshold decision "
+                         "right, same bins",
+        "adaptive_ece": "10 equal-mass bins of sorted p (numpy array_split)",
+        "calibration": "logistic regression y ~ a + b logit(p), p clipped to [1e-6, 1-1e-6]; "
+                       "intercept_slope1: a with b fixed at 1",
+        "aurc": "mean selective risk over coverages k/n, ranked by max probability",
+    }
 
 
 def _clusters(ids: list[str], patients: dict[str, str]) -> np.ndarray:
