@@ -284,11 +284,11 @@ class FusionNet(nn.Module):
         p = self.config.modality_dropout
         if not self.training or p <= 0.0 or present.shape[1] < 2:
             return present
-        keep = (torch.rand(present.shape) >= p) & present
+        keep = (torch.rand(present.shape, device=present.device) >= p) & present
         empty = ~keep.any(dim=1)
         if bool(empty.any()):
             # Re-admit one present modality, chosen at random, in every emptied sample.
-            scores = torch.rand(present.shape).masked_fill(~present, -1.0)
+            scores = torch.rand(present.shape, device=present.device).masked_fill(~present, -1.0)
             choice = scores.argmax(dim=1)
             rows = torch.nonzero(empty).squeeze(1)
             keep[rows, choice[rows]] = True
