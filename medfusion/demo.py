@@ -48,4 +48,37 @@ def run_demo(out: Path, *, console: Console | None = None) -> int:
             "--out folder."
         ) from exc
     console.print(f"{report['n_studies']} sample studies inspected; wrote {target}")
-    return 0 if not report["n_failed"] else 2
+    code = 0 if not report["n_failed"] else 2
+    return max(code, _score_samples(out, console))
+
+
+def _score_samples(out: Path, console: Console) -> int:
+    """Score the samples with the bundled demo model into ``out/scores`` (with saliency),
+    then build the validation report into ``out/report`` when the report module exists.
+    Returns the scoring exit code (0 all scored, 2 some failed); 0 without a demo model."""
+    import shutil
+
+    from medfusion.scoring.engine import score_folder
+
+    samples = samples_dir()
+    model = samples / "demo_model"
+    if not (model / "model.json").exists():
+        console.print("no demo model in the samples folder; scoring skipped")
+        return 0
+    scores = out / "scores"
+    if (scores / "journal.jsonl").exists():  # an earlier demo run's outputs: start afresh
+        shutil.rmtree(scores)
+    summary = score_folder(samples / "studies", model, scores,
+                           clinical_csv=samples / "clinical.csv", workers=1, explain=True,
+                           progress=False, command_line=["demo"])
+    console.print(f"scored {summary.n_scored} of {summary.n_studies} sample studies "
+                  f"({summary.n_failed} failed); wrote {scores / 'scores.csv'}")
+    try:
+        from medfusion.report.builder import validation_report
+    except ImportError:
+        return summary.exit_code
+    if summary.n_scored and (samples / "labels.csv").exists():
+        validation_report(scores / "scores.csv", samples / "labels.csv", out / "report",
+                          model_dir=model, n_bootstrap=200)
+        console.print(f"validation report: {out / 'report' / 'report.html'}")
+    return summary.exit_code
