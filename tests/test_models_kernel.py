@@ -109,3 +109,24 @@ def test_bad_inputs_are_refused() -> None:
     meta, arrays = clf.state()
     with pytest.raises(MedfusionError):
         KernelFusionClassifier.from_state(meta, {"train_labels": arrays["train_labels"]})
+
+
+def test_state_survives_a_model_package(tmp_path) -> None:
+    """The way training stores it: meta in the JSON card, arrays in the safetensors file."""
+    import torch
+
+    from medfusion.models.package import load_package, save_package
+
+    x, p, y = _data(60, 8)
+    clf = KernelFusionClassifier(seed=1).fit(x, p, y)
+    meta, arrays = clf.state()
+    save_package(
+        tmp_path / "m",
+        card={"kernel": meta},
+        tensors={f"kernel.{k}": torch.from_numpy(v) for k, v in arrays.items()},
+    )
+    card, tensors = load_package(tmp_path / "m")
+    restored = KernelFusionClassifier.from_state(
+        card["kernel"], {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items()}
+    )
+    np.testing.assert_array_equal(restored.predict_proba(x, p), clf.predict_proba(x, p))
