@@ -299,3 +299,20 @@ def test_default_positive_class_is_the_non_negative_label() -> None:
     assert default_positive(("Normal", "lesion")) == 1
     assert default_positive(("malignant", "benign")) == 0
     assert default_positive(("cat", "dog")) == 1  # no negative name: the second label
+
+
+def test_a_column_with_too_many_levels_is_skipped_with_a_note(tmp_path: Path) -> None:
+    batch = make_batch(tmp_path, n=120, seed=11)
+    r = validation_report(batch["out"] / "scores.csv", batch["labels"], tmp_path / "R",
+                          subgroups=["site", "sex"], n_bootstrap=0)
+    assert set(r["subgroups"]) == {"site", "sex"} and r["subgroups_skipped"] == {}
+    rows = list(csv.reader(open(batch["labels"], encoding="utf-8")))
+    rows[0].append("age")
+    for i, row in enumerate(rows[1:]):
+        row.append(str(40 + i))  # one level per study: not a subgroup
+    write_csv(batch["labels"], rows[0], rows[1:])
+    r = validation_report(batch["out"] / "scores.csv", batch["labels"], tmp_path / "R",
+                          subgroups=["age", "site"], n_bootstrap=0)
+    assert r["subgroups"]["age"] == {} and "age" in r["subgroups_skipped"]
+    assert len(r["subgroups"]["site"]) == 3
+    assert any("age skipped" in note for note in r["notes"])

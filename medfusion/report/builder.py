@@ -29,6 +29,8 @@ from medfusion.report.checklist import build_checklist
 MAX_PNG_BYTES = 3 * 1024**2
 GALLERY_PER_CATEGORY = 2
 MAX_ROLES_PER_CASE = 4
+# More levels than this is a continuous or identifying column, not a subgroup.
+MAX_SUBGROUP_LEVELS = 50
 # Keys whose values may name people, places or files: never copied into the report.
 _WITHHELD_KEY = re.compile(
     r"patient|path|(^|_)dirs?($|_)|folder|file|uid|accession|institution|birth|root|host|user"
@@ -408,10 +410,17 @@ def validation_report(
     notes.extend(result.pop("notes"))
 
     sub_out: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for c, column in enumerate(subgroups):
         values = [lab.subgroups[column][s] for s in ids]
         sub_out[column] = {}
-        for lv, level in enumerate(sorted(set(values))):
+        levels = sorted(set(values))
+        if len(levels) > MAX_SUBGROUP_LEVELS:
+            skipped[column] = (f"{len(levels)} levels (more than {MAX_SUBGROUP_LEVELS}); "
+                               "group it into bands first")
+            notes.append(f"subgroup column {column} skipped: {skipped[column]}.")
+            continue
+        for lv, level in enumerate(levels):
             mask = np.asarray([v == level for v in values])
             part = evaluate(probs[mask], y[mask], task, clusters=clusters[mask],
                             extras=extras.subset(np.flatnonzero(mask)),
@@ -472,6 +481,7 @@ def validation_report(
         "task": "binary" if len(sc.labels) == 2 else "multiclass",
         **result,
         "subgroups": sub_out,
+        "subgroups_skipped": skipped,
         "comparison": comparison,
         "cohort": cohort,
         "failures": None if failures is None else {
