@@ -1365,7 +1365,6 @@ def _meta(ds: Any, info: SeriesInfo | None) -> dict[str, Any]:
     if info is not None:
         meta["series_key"] = info.key
         meta["study_key"] = info.study_key
-        meta["SeriesDescription"] = info.description
         meta["n_files"] = info.n_instances
     else:
         meta["series_key"] = pseudonym(str(ds.get("SeriesInstanceUID", "")), prefix="se-")
