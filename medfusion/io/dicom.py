@@ -1570,7 +1570,8 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
         index = np.clip(np.rint(values - first), 0, len(lut) - 1).astype(np.int64)
         values = lut[index] / np.float32((1 << bits) - 1 if bits > 0 else 1)
         meta_extra["voi"] = "lut"
-    elif centers and widths:
+    elif centers and widths and math.isfinite(centers[0]) and math.isfinite(widths[0]) \
+            and widths[0] > 0:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
         values = _window(values, centers[0], widths[0], function)
         meta_extra["voi"] = "window"
