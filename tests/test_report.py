@@ -316,3 +316,17 @@ def test_a_column_with_too_many_levels_is_skipped_with_a_note(tmp_path: Path) ->
     assert r["subgroups"]["age"] == {} and "age" in r["subgroups_skipped"]
     assert len(r["subgroups"]["site"]) == 3
     assert any("age skipped" in note for note in r["notes"])
+
+
+def test_labels_may_name_studies_by_their_pseudonymous_key(tmp_path: Path) -> None:
+    from medfusion.report.builder import display_id
+
+    batch = make_batch(tmp_path, n=60, seed=12)
+    rows = list(csv.reader(open(batch["labels"], encoding="utf-8")))
+    for row in rows[1:]:
+        row[0] = display_id(row[0])
+    write_csv(batch["labels"], rows[0], rows[1:])
+    r = validation_report(batch["out"] / "scores.csv", batch["labels"], tmp_path / "R",
+                          subgroups=["site"], n_bootstrap=0)
+    assert r["n"] == 60 and sum(v["n"] for v in r["subgroups"]["site"].values()) == 60
+    assert r["auroc"]["value"] == pytest.approx(roc_auc_score(batch["y"], batch["probs"][:, 1]))

@@ -386,6 +386,10 @@ def validation_report(
                          "scores' column order is used.")
     task = _task(sc.labels, positive_label, threshold)
     lab = I.read_labels(Path(labels), sc.labels, subgroups)
+    aliased = _align_label_ids(lab, sc.study_ids)
+    if aliased:
+        notes.append(f"{aliased} labels.csv rows name studies by their pseudonymous st- key "
+                     "(as run.json does); matched to scores.csv through it.")
     idx = np.asarray([i for i, sid in enumerate(sc.study_ids) if sid in lab.truth], dtype=int)
     if len(idx) == 0:
         raise ReportInputError(
@@ -526,6 +530,26 @@ def validation_report(
                   (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     _write_atomic(out_dir / "report.html", html.encode("utf-8"))
     return report
+
+
+def _align_label_ids(lab: I.Labels, scored_ids: Sequence[str]) -> int:
+    """Let labels.csv name studies by their ``st-`` key (what run.json and logs show) as well
+    as by the study id of scores.csv: rename such rows in place; returns how many."""
+    scored = set(scored_ids)
+    by_key = {display_id(sid): sid for sid in scored_ids}
+    renamed = 0
+    for old in [sid for sid in lab.truth if sid not in scored and sid in by_key]:
+        new = by_key[old]
+        if new in lab.truth:  # both spellings given: keep the study id's row
+            continue
+        lab.truth[new] = lab.truth.pop(old)
+        if old in lab.patients:
+            lab.patients[new] = lab.patients.pop(old)
+        for column in lab.subgroups.values():
+            if old in column:
+                column[new] = column.pop(old)
+        renamed += 1
+    return renamed
 
 
 def _definitions(task: Task) -> dict[str, str]:
