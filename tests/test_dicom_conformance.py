@@ -124,12 +124,18 @@ def test_wg04_cr_radiograph_conventions(shared_data: Path):
     assert 0.0 <= float(vol.array.min()) and float(vol.array.max()) <= 1.0
 
 
-def test_siemens_mosaic_refused_clearly(shared_data: Path):
-    from medfusion.errors import UnsupportedInputError
-
-    with pytest.raises(UnsupportedInputError) as err:
-        load_volume(shared_data / "dicom/dcm_qa_nih/In/20180918Si/mr_0003")
-    assert "dcm2niix" in str(err.value)
+@pytest.mark.parametrize("series,ref", [("mr_0003", "EPI_PE=AP_3"), ("mr_0005", "EPI_PE=RL_5")])
+def test_siemens_mosaic_equals_dcm2niix(shared_data: Path, series: str, ref: str):
+    """Mosaic EPI: 5 tiled slices per file, 2 files = 2 time points."""
+    vol = load_volume(shared_data / f"dicom/dcm_qa_nih/In/20180918Si/{series}")
+    assert vol.shape == (72, 72, 5, 2)
+    assert "MOSAIC_UNPACKED" in [f.code for f in vol.issues]
+    ref_path = shared_data / f"dicom/dcm_qa_nih/Ref/{ref}.nii"
+    for t in range(2):
+        ours, ours_aff = _canonical(vol.array[..., t], vol.affine)
+        theirs, theirs_aff = _ref(ref_path, t)
+        np.testing.assert_allclose(ours_aff, theirs_aff, atol=1e-3)
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_fast_header_matches_pydicom_on_real_files(shared_data: Path):

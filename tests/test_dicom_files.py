@@ -362,3 +362,13 @@ def test_invalid_value_holding_identifier_not_printed(tmp_path: Path, capsys, ca
         text = str(exc)
     captured = capsys.readouterr()
     _assert_clean(text + captured.out + captured.err + caplog.text)
+
+
+def test_mosaic_without_csa_header_refused(tmp_path: Path):
+    from medfusion.errors import UnsupportedInputError
+
+    write_series(tmp_path, _ct((16, 16, 1)), modality="MR", seed=1,
+                 image_type=("ORIGINAL", "PRIMARY", "M", "MOSAIC"))
+    with pytest.raises(UnsupportedInputError) as err:
+        load_volume(tmp_path)
+    assert "dcm2niix" in str(err.value)

@@ -1402,21 +1402,83 @@ def load_series(info: SeriesInfo, *, strict: bool = False) -> Volume:
     return _load_stack(headers, info, strict=strict, what=what)
 
 
-def _check_mosaic(ds: Dataset, what: str) -> None:
+def _is_mosaic(ds: Any) -> bool:
     value = ds.get("ImageType") or []
-    image_type = [value] if isinstance(value, str) else list(value)
-    if "MOSAIC" in [str(v).upper() for v in image_type]:
-        raise UnsupportedInputError(
-            f"{what}: Siemens mosaic images (several slices tiled in one image) are not "
-            "supported. Convert the series with dcm2niix and load the NIfTI file.",
+    values = [value] if isinstance(value, str) else list(value)
+    return "MOSAIC" in [str(v).upper() for v in values]
+
+
+def _load_mosaic(headers: Sequence[_FileHeader], info: SeriesInfo, *, what: str) -> Volume:
+    """Siemens mosaics (several slices tiled in one image, one file per time point).
+
+    Tiles, slice order and the corrected position of the first slice come from the Siemens
+    CSA header through nibabel's DICOM wrapper (``nibabel.nicom.dicomwrappers``), the same
+    logic as dcm2niix; one file is one 3D volume, several files are time points (4D)
+    ordered by AcquisitionNumber then InstanceNumber.
+    """
+    from nibabel.nicom import dicomwrappers
+
+    volumes: list[tuple[tuple[int, int, int], np.ndarray, np.ndarray]] = []
+    for n, h in enumerate(headers):
+        label = f"{what}, file #{n + 1}"
+        _check_header_size(h, label)
+        try:
+            ds = pydicom.dcmread(str(h.path), force=_sniff(h.path) == "raw")
+            wrapper = dicomwrappers.wrapper_from_data(ds)
+            if not getattr(wrapper, "is_mosaic", False):
+                raise ValueError("not a mosaic")
+            data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, cols, slices)
+            affine = np.asarray(wrapper.affine, dtype=np.float64)  # LPS, (row, col, slice)
+        except MedfusionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - CSA header missing or unreadable
+            raise UnsupportedInputError(
+                f"{label}: Siemens mosaic whose CSA header cannot be read "
+                f"({type(exc).__name__}). Convert the series with dcm2niix and load the "
+                "NIfTI file.",
+            ) from None
+        if data.ndim != 3:
+            raise UnsupportedInputError(f"{label}: unexpected mosaic layout {data.shape}.")
+        key = (_int(h.ds.get("AcquisitionNumber"), 0) or 0,
+               _int(h.ds.get("InstanceNumber"), 0) or 0, n)
+        # medfusion's axes: i along a row (columns), j along a column (rows)
+        volumes.append((key, data.transpose(1, 0, 2), affine[:, [1, 0, 2, 3]]))
+    volumes.sort(key=lambda v: v[0])
+    first_aff = volumes[0][2]
+    for _key, data, aff in volumes[1:]:
+        if data.shape != volumes[0][1].shape or not np.allclose(aff, first_aff, atol=1e-3):
+            raise GeometryError(
+                f"{what}: mosaic files of one series differ in geometry. Split the series.",
+                code="INCONSISTENT_GEOMETRY",
+            )
+    findings: list[Finding] = [
+        Finding("MOSAIC_UNPACKED", f"Siemens mosaic unpacked into {volumes[0][1].shape[2]} "
+                "slices per time point.", {"n_slices": int(volumes[0][1].shape[2])})
+    ]
+    if len(volumes) == 1:
+        arr = volumes[0][1]
+    else:
+        arr = np.stack([v[1] for v in volumes], axis=-1)
+        findings.append(
+            Finding(
+                "MULTIPLE_TIME_POINTS",
+                f"{len(volumes)} mosaic files were stacked as time points (I, J, K, T), "
+                "ordered by AcquisitionNumber then InstanceNumber.",
+                {"n_time_points": len(volumes), "separated_by": "AcquisitionNumber"},
+            )
         )
+    meta = _meta(headers[0].ds, info)
+    meta["mosaic"] = True
+    return Volume(array=np.asfortranarray(arr), affine=_lps_to_ras(first_aff),
+                  modality=info.modality, meta=meta, issues=tuple(findings))
 
 
 def _load_stack(
     headers: Sequence[_FileHeader], info: SeriesInfo, *, strict: bool, what: str
 ) -> Volume:
     ds0 = headers[0].ds
-    _check_mosaic(ds0, what)
+    if _is_mosaic(ds0):
+        return _load_mosaic(headers, info, what=what)
     pre_findings: list[Finding] = []
     localizer = [_is_localizer(h.ds) for h in headers]
     if any(localizer) and not all(localizer):
