@@ -171,27 +171,29 @@ def test_mc_dropout_runs_only_the_head_after_one_encoder_pass() -> None:
 
 
 def test_attention_learns_to_weight_the_informative_modality() -> None:
-    """The clinical record carries the label, the CT is noise: after a short training the
-    attention puts most weight on the clinical record and the model separates the classes."""
+    """The clinical record carries the label, the CT is the same volume for every study
+    (uninformative): after a short training the model separates the classes and the
+    attention has moved most weight to the clinical record (0.71 to 0.96 over seeds 0-3;
+    0.5 at initialisation)."""
     torch.manual_seed(0)
     net = FusionNet(
-        _config(roles={"ct": RoleNetConfig(grid=(16, 16, 16))}, modality_dropout=0.0)
+        _config(roles={"ct": RoleNetConfig(grid=(16, 16, 16))}, modality_dropout=0.0, dropout=0.0)
     )
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(32) % 2
     clinical = torch.stack([y.float() * 2 - 1, torch.randn(32, generator=gen)], 1)
     clinical[:, 0] += 0.3 * torch.randn(32, generator=gen)
-    images = {"ct": torch.randn(32, 1, 16, 16, 16, generator=gen)}
+    ct = torch.randn(1, 1, 16, 16, 16, generator=gen).expand(32, -1, -1, -1, -1).contiguous()
     present = torch.ones(32, 2, dtype=torch.bool)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     net.train()
     for _ in range(40):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(images, clinical, present).logits, y)
+        loss = torch.nn.functional.cross_entropy(net({"ct": ct}, clinical, present).logits, y)
         loss.backward()
         opt.step()
     net.eval()
     with torch.no_grad():
-        out = net(images, clinical, present)
+        out = net({"ct": ct}, clinical, present)
     assert (out.logits.argmax(1) == y).float().mean() >= 0.9
-    assert out.weights[:, 1].mean() > 0.5
+    assert out.weights[:, 1].mean() > 0.6
