@@ -248,8 +248,10 @@ def test_bad_input_is_a_coded_refusal(tmp_path: Path, mutate, code: str) -> None
 def test_bad_options_are_refused(tmp_path: Path) -> None:
     batch = make_batch(tmp_path, n=30, seed=8)
     scores = batch["out"] / "scores.csv"
-    for kwargs in ({"threshold": 1.5}, {"positive_label": "cat"}, {"subgroups": ["nope"]},
-                   {"subgroups": ["patient_id"]}, {"n_bootstrap": -1}):
+    for kwargs in ({"threshold": 1.5}, {"threshold": "high"}, {"threshold": float("nan")},
+                   {"positive_label": "cat"}, {"subgroups": ["nope"]},
+                   {"subgroups": ["patient_id"]}, {"n_bootstrap": -1}, {"n_bootstrap": 2.5},
+                   {"seed": -1}):
         with pytest.raises(MedfusionError):
             validation_report(scores, batch["labels"], tmp_path / "R", **kwargs)
 

@@ -372,9 +372,20 @@ def validation_report(
     ):
         raise ReportInputError("n_bootstrap must be an integer in 0..100000",
                                code="REPORT_BAD_VALUE")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ReportInputError("seed must be a non-negative integer", code="REPORT_BAD_VALUE")
+    if threshold is not None:
+        try:
+            threshold = float(threshold)
+        except (TypeError, ValueError):
+            raise ReportInputError("threshold must be a number strictly between 0 and 1",
+                                   code="REPORT_BAD_VALUE") from None
+    for name, value in (("scores", scores), ("labels", labels), ("out", out)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise ReportInputError(f"{name} must be a path", code="REPORT_BAD_VALUE")
     if isinstance(subgroups, str):
-        subgroups = [s for s in subgroups.split(",") if s.strip()]
-    subgroups = [s.strip() for s in subgroups if s.strip()]
+        subgroups = subgroups.split(",")
+    subgroups = list(dict.fromkeys(str(s).strip() for s in subgroups if str(s).strip()))
     scores_path = Path(scores)
     sc = I.read_scores(scores_path)
     card = _model_card(model_dir)
@@ -452,8 +463,9 @@ def validation_report(
                 code="REPORT_NO_OVERLAP",
             )
         probs_b = other.probs[[where[ids[k]] for k in keep]][:, order]
-        comparison = compare_scores(probs[keep], probs_b, y[keep], task, clusters=clusters[keep],
-                                n_bootstrap=n_bootstrap, seed=(seed, 2))
+        comparison = compare_scores(probs[keep], probs_b, y[keep], task,
+                                    clusters=clusters[keep], n_bootstrap=n_bootstrap,
+                                    seed=(seed, 2))
         comparison["n_unmatched"] = int(len(ids) - len(keep))
         if comparison["n_unmatched"]:
             notes.append(f"comparison: {comparison['n_unmatched']} analysed studies are not in "
