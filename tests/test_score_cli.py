@@ -82,13 +82,16 @@ def test_sigkill_mid_run_then_resume_scores_only_what_is_missing(
     lines = 0
     while time.monotonic() < deadline and proc.poll() is None:
         lines = journal.read_bytes().count(b"\n") if journal.exists() else 0
-        if lines >= 4:  # header + 3 studies done
+        if lines >= 3:  # header + 2 studies done
             break
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker, no cleanup at all
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker, no cleanup at all
+    except ProcessLookupError:  # already finished: the assertion below says so
+        pass
     proc.wait(timeout=30)
     killed_at = journal.read_bytes().count(b"\n")
-    assert 4 <= killed_at < 9, "the run was not interrupted half-way"
+    assert 3 <= killed_at < 9, f"the run was not interrupted half-way ({killed_at} lines)"
 
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -410,8 +410,8 @@ def score_folder(
     if resume:
         journal.load()
     journal.open(header)
-    n_resumed = sum(1 for ref in found.studies if ref.study_id in journal.records)
-    todo = deque(ref for ref in found.studies if ref.study_id not in journal.records)
+    n_resumed = sum(1 for ref in found.studies if ref.study_id in journal.entries)
+    todo = deque(ref for ref in found.studies if ref.study_id not in journal.entries)
     for ref in todo:  # saliency renamed into place by a killed run, before its journal line
         stale = out / O.SALIENCY / O.safe_component(ref.study_id, prefix="st-")
         if stale.is_dir():
@@ -436,26 +436,30 @@ def score_folder(
                       "unsafe_links": found.unsafe_links},
     }
 
-    def snapshot(status: str) -> tuple[int, int]:
-        n_ok, n_bad = O.rebuild_tables(out, journal, columns)
-        info = dict(run_info, status=status)
+    def totals() -> dict[str, Any]:
+        entries = journal.entries.values()
+        return {
+            "studies": len(found.studies),
+            "scored": sum(1 for e in entries if e.status == "scored"),
+            "failed": sum(1 for e in entries if e.status != "scored"),
+            "resumed": n_resumed,
+            "skipped_files": found.skipped_files + sum(e.skipped_files for e in entries),
+            "unsafe_links": found.unsafe_links + sum(e.unsafe_links for e in entries),
+        }
+
+    def snapshot(status: str) -> None:
+        O.rebuild_tables(out, journal, columns)
+        info = dict(run_info, status=status, totals=totals())
         info["studies"] = {
             rec["key"]: {k: rec.get(k) for k in ("status", "digest", "timings", "n_files",
                                                    "skipped_files", "unsafe_links", "issues",
                                                    "stage", "code")}
-            for rec in journal.records.values()
+            for rec in journal.iter_sorted()
         }
-        info["totals"] = {"studies": len(found.studies), "scored": n_ok, "failed": n_bad,
-                          "resumed": n_resumed,
-                          "skipped_files": found.skipped_files + sum(
-                              int(r.get("skipped_files") or 0) for r in journal.records.values()),
-                          "unsafe_links": found.unsafe_links + sum(
-                              int(r.get("unsafe_links") or 0) for r in journal.records.values())}
         elapsed = time.monotonic() - t_start
         info["timings"] = {"elapsed_s": round(elapsed, 3),
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         O.write_json(out / O.RUN_JSON, info)
-        return n_ok, n_bad
 
     snapshot("running")
     bar = _Progress(progress, total=len(found.studies), done=n_resumed)
@@ -467,6 +471,7 @@ def score_folder(
         ready: deque[dict[str, Any]] = deque()
         max_ready = max(1, workers)  # prepared studies waiting for inference (bounded)
         last_snapshot = time.monotonic()
+        interval = REBUILD_EVERY_S
 
         def finish(record: dict[str, Any]) -> None:
             nonlocal newly
@@ -488,9 +493,12 @@ def score_folder(
                 finish(_predict_record(record, scorer, labels, modalities, out, explain, alpha,
                                        seed, clinical_csv is not None
                                        and record["study_id"] not in clinical))
-            if time.monotonic() - last_snapshot > REBUILD_EVERY_S:
+            if time.monotonic() - last_snapshot > interval:
+                t_snap = time.monotonic()
                 snapshot("running")
                 last_snapshot = time.monotonic()
+                # Rebuilding costs O(studies done): keep it under ~5% of the run's time.
+                interval = max(REBUILD_EVERY_S, 20 * (last_snapshot - t_snap))
     except KeyboardInterrupt:
         snapshot("interrupted")
         raise
@@ -499,28 +507,27 @@ def score_folder(
         if preparer is not None:
             preparer.close()
         journal.close()
-    n_ok, n_bad = snapshot("complete")
+    snapshot("complete")
     staging = out / O.SALIENCY / ".staging"
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
     elapsed = time.monotonic() - t_start
+    total = totals()
     codes: dict[str, int] = {}
-    for rec in journal.records.values():
-        if rec["status"] != "scored":
-            codes[rec["code"]] = codes.get(rec["code"], 0) + 1
+    for entry in journal.entries.values():
+        if entry.status != "scored":
+            codes[str(entry.code)] = codes.get(str(entry.code), 0) + 1
     return RunSummary(
         out_dir=os.fspath(out),
         n_studies=len(found.studies),
-        n_scored=n_ok,
-        n_failed=n_bad,
+        n_scored=total["scored"],
+        n_failed=total["failed"],
         n_resumed=n_resumed,
-        n_skipped_files=found.skipped_files + sum(
-            int(r.get("skipped_files") or 0) for r in journal.records.values()),
-        n_unsafe_links=found.unsafe_links + sum(
-            int(r.get("unsafe_links") or 0) for r in journal.records.values()),
+        n_skipped_files=total["skipped_files"],
+        n_unsafe_links=total["unsafe_links"],
         elapsed_s=round(elapsed, 3),
         studies_per_s=round(newly / elapsed, 3) if elapsed > 0 else 0.0,
-        exit_code=0 if n_bad == 0 else 2,
+        exit_code=0 if total["failed"] == 0 else 2,
         failure_codes=dict(sorted(codes.items())),
     )
 

@@ -20,7 +20,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,18 +168,41 @@ def prepare_output_dir(out_dir: str | os.PathLike[str], *, resume: bool) -> Path
     return out
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What the journal keeps in memory per finished study: where its line is, and the few
+    fields the totals need. Rows stay on disk, so memory does not grow with row size."""
+
+    offset: int
+    length: int
+    key: str
+    status: str
+    code: str | None
+    skipped_files: int
+    unsafe_links: int
+
+
 class Journal:
     """Append-only record of finished studies (one JSON object per line, fsync'ed).
 
     The first line is a header holding the run's configuration; resuming with a different
-    model or options is refused rather than mixing rows of two configurations.
+    model or options is refused rather than mixing rows of two configurations. Only a
+    small :class:`Entry` per study is held in memory; :meth:`get` reads a record back.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.header: dict[str, Any] | None = None
-        self.records: dict[str, dict[str, Any]] = {}
-        self._handle: io.BufferedWriter | None = None
+        self.entries: dict[str, Entry] = {}
+        self._handle: io.BufferedRandom | None = None
+
+    def _index(self, record: Mapping[str, Any], offset: int, length: int) -> None:
+        self.entries[record["study_id"]] = Entry(
+            offset=offset, length=length, key=str(record.get("key") or ""),
+            status=str(record["status"]), code=record.get("code"),
+            skipped_files=int(record.get("skipped_files") or 0),
+            unsafe_links=int(record.get("unsafe_links") or 0),
+        )
 
     def load(self) -> None:
         """Read an existing journal, dropping (and truncating away) a torn last line."""
@@ -186,17 +210,18 @@ class Journal:
             return
         data = self.path.read_bytes()
         good = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-        for raw in data[:good].splitlines():
-            if not raw.strip():
-                continue
+        offset = 0
+        for raw in data[:good].splitlines(keepends=True):
+            length = len(raw)
             try:
-                record = json.loads(raw)
+                record = json.loads(raw) if raw.strip() else {}
             except json.JSONDecodeError:
-                continue  # a torn line that happened to end in a newline byte
+                record = {}  # a torn line that happened to end in a newline byte
             if "header" in record:
                 self.header = record["header"]
-            elif "study_id" in record:
-                self.records[record["study_id"]] = record
+            elif "study_id" in record and "status" in record:
+                self._index(record, offset, length)
+            offset += length
         if good != len(data):
             with open(self.path, "r+b") as handle:
                 handle.truncate(good)
@@ -210,16 +235,18 @@ class Journal:
                 "(see run.json); resume with the same options or choose an empty --out",
                 code="RESUME_MISMATCH",
             )
-        self._handle = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+        mode = "r+b" if self.path.exists() else "w+b"
+        self._handle = open(self.path, mode)  # noqa: SIM115 - kept open for the run
         if self.header is None:
             self.header = header
             self._append({"header": header})
 
-    def _append(self, record: Mapping[str, Any]) -> None:
+    def _append(self, record: Mapping[str, Any]) -> tuple[int, int]:
         assert self._handle is not None
-        line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+        line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
         try:
-            self._handle.write(line.encode("utf-8"))
+            offset = self._handle.seek(0, os.SEEK_END)
+            self._handle.write(line)
             self._handle.flush()
             os.fsync(self._handle.fileno())
         except OSError as error:
@@ -228,11 +255,27 @@ class Journal:
                 "with --resume",
                 code="OUTPUT_WRITE_FAILED",
             ) from None
+        return offset, len(line)
 
     def add(self, record: dict[str, Any]) -> None:
         """Record one finished study durably."""
-        self._append(record)
-        self.records[record["study_id"]] = record
+        offset, length = self._append(record)
+        self._index(record, offset, length)
+
+    def get(self, study_id: str) -> dict[str, Any]:
+        """The full record of a finished study, read back from the journal file."""
+        entry = self.entries[study_id]
+        with open(self.path, "rb") as handle:
+            handle.seek(entry.offset)
+            return json.loads(handle.read(entry.length))
+
+    def iter_sorted(self) -> Iterator[dict[str, Any]]:
+        """Every record in ``study_id`` order, streamed from disk."""
+        with open(self.path, "rb") as handle:
+            for study_id in sorted(self.entries):
+                entry = self.entries[study_id]
+                handle.seek(entry.offset)
+                yield json.loads(handle.read(entry.length))
 
     def close(self) -> None:
         if self._handle is not None:
@@ -240,19 +283,32 @@ class Journal:
             self._handle = None
 
 
+def atomic_write_rows(
+    path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, str]]
+) -> int:
+    """Stream rows into ``path`` atomically (temp file, fsync, rename); returns the count."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    n = 0
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+            n += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return n
+
+
 def rebuild_tables(out: Path, journal: Journal, columns: Sequence[str]) -> tuple[int, int]:
-    """Rewrite scores.csv and failures.csv from the journal (sorted, atomic)."""
-    scored = []
-    failed = []
-    for study_id in sorted(journal.records):
-        record = journal.records[study_id]
-        if record["status"] == "scored":
-            scored.append(record["row"])
-        else:
-            failed.append(record["failure"])
-    atomic_write_text(out / SCORES, csv_text(columns, scored))
-    atomic_write_text(out / FAILURES, csv_text(FAILURE_COLUMNS, failed))
-    return len(scored), len(failed)
+    """Rewrite scores.csv and failures.csv from the journal (sorted, streamed, atomic)."""
+    ok = (r["row"] for r in journal.iter_sorted() if r["status"] == "scored")
+    n_ok = atomic_write_rows(out / SCORES, columns, ok)
+    bad = (r["failure"] for r in journal.iter_sorted() if r["status"] != "scored")
+    n_bad = atomic_write_rows(out / FAILURES, FAILURE_COLUMNS, bad)
+    return n_ok, n_bad
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
