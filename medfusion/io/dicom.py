@@ -1724,7 +1724,3 @@ def load_dicom_file(path: str | Path, *, strict: bool = False) -> Volume:
     info = _make_info(series_uid, [header], key_source=series_uid)
     return load_series(info, strict=strict)
 
-
-def describe_error(error: MedfusionError) -> dict[str, str]:
-    """A PHI-free dict for an error (code and message)."""
-    return {"code": error.code, "message": error.message}
