@@ -1121,6 +1121,69 @@ def _assemble_stack(
                     code="INCONSISTENT_GEOMETRY",
                 )
 
+    # geometry checks on unique positions, before any pixel is read (strict refuses fast)
+    k_count = len(groups)
+    first = [g[0] for g in groups]
+    d = dist[first]
+    kipp = ipps[first]
+    thickness = s0.thickness
+    tilt_deg = 0.0
+    missing_mm: list[float] = []
+    irregular = False
+    if k_count >= 2:
+        span = kipp[-1] - kipp[0]
+        along = float(span @ normal)
+        inplane = span - along * normal
+        drift = float(np.linalg.norm(inplane))
+        tilt_deg = math.degrees(math.atan2(drift, abs(along))) if along != 0 else 90.0
+        if tilt_deg < _TILT_MIN_DEG or drift < 0.05 * min(row_spacing, col_spacing):
+            tilt_deg = 0.0
+        gaps = np.diff(d)
+        med = float(np.median(gaps))
+        tol = max(_SPACING_REL_TOL * med, _SPACING_ABS_TOL_MM)
+        if np.any(np.abs(gaps - med) > tol):
+            irregular = True
+            # A gap in a regular series: every gap is a whole multiple of the smallest one,
+            # and most gaps are that smallest one (else it is a deliberate spacing change).
+            base = float(gaps.min())
+            ratios = gaps / base
+            near_int = np.abs(ratios - np.round(ratios)) <= 0.1
+            at_base = np.abs(gaps - base) <= max(_SPACING_REL_TOL * base, _SPACING_ABS_TOL_MM)
+            if np.all(near_int) and at_base.sum() >= (~at_base).sum():
+                for n, r in enumerate(np.round(ratios).astype(int)):
+                    for m in range(1, r):
+                        missing_mm.append(round(float(d[n] + m * base), 3))
+    if missing_mm:
+        detail = {"positions_mm": missing_mm, "count": len(missing_mm),
+                  "regular_spacing_mm": round(float(np.diff(d).min()), 4)}
+        if strict:
+            raise MissingSlicesError(
+                f"{what}: {len(missing_mm)} slice(s) missing at {missing_mm} mm along the "
+                "slice normal. Re-export the complete series, or load without strict=True "
+                "to interpolate the gap.",
+            )
+        findings.append(
+            Finding(
+                "MISSING_SLICES",
+                f"{len(missing_mm)} slice(s) missing at {missing_mm} mm along the slice "
+                "normal; the gap was filled by linear interpolation.",
+                detail,
+            )
+        )
+    if irregular and strict:
+        raise GeometryError(
+            f"{what}: slice spacing is uneven ({float(np.diff(d).min()):.3f} to "
+            f"{float(np.diff(d).max()):.3f} mm). Load without strict=True to resample onto "
+            "a regular grid.",
+            code="UNEVEN_SPACING",
+        )
+    if tilt_deg and strict:
+        raise GeometryError(
+            f"{what}: gantry tilt of {tilt_deg:.2f} degrees (slices are sheared). Load without "
+            "strict=True to resample onto an orthogonal grid.",
+            code="GANTRY_TILT",
+        )
+
     rows, cols = s0.rows, s0.cols
     n_all = len(order)
     check_declared_size((cols, rows, n_all), 4, what)
@@ -1180,69 +1243,6 @@ def _assemble_stack(
         extra["t_axis"] = rule
 
     k_count = len(dedup_groups)
-    first = [g[0] for g in dedup_groups]
-    d = dist[first]
-    kipp = ipps[first]
-    thickness = s0.thickness
-
-    # geometry checks on unique positions
-    tilt_deg = 0.0
-    missing_mm: list[float] = []
-    irregular = False
-    if k_count >= 2:
-        span = kipp[-1] - kipp[0]
-        along = float(span @ normal)
-        inplane = span - along * normal
-        drift = float(np.linalg.norm(inplane))
-        tilt_deg = math.degrees(math.atan2(drift, abs(along))) if along != 0 else 90.0
-        if tilt_deg < _TILT_MIN_DEG or drift < 0.05 * min(row_spacing, col_spacing):
-            tilt_deg = 0.0
-        gaps = np.diff(d)
-        med = float(np.median(gaps))
-        tol = max(_SPACING_REL_TOL * med, _SPACING_ABS_TOL_MM)
-        if np.any(np.abs(gaps - med) > tol):
-            irregular = True
-            # A gap in a regular series: every gap is a whole multiple of the smallest one,
-            # and most gaps are that smallest one (else it is a deliberate spacing change).
-            base = float(gaps.min())
-            ratios = gaps / base
-            near_int = np.abs(ratios - np.round(ratios)) <= 0.1
-            at_base = np.abs(gaps - base) <= max(_SPACING_REL_TOL * base, _SPACING_ABS_TOL_MM)
-            if np.all(near_int) and at_base.sum() >= (~at_base).sum():
-                for n, r in enumerate(np.round(ratios).astype(int)):
-                    for m in range(1, r):
-                        missing_mm.append(round(float(d[n] + m * base), 3))
-    if missing_mm:
-        detail = {"positions_mm": missing_mm, "count": len(missing_mm),
-                  "regular_spacing_mm": round(float(np.diff(d).min()), 4)}
-        if strict:
-            raise MissingSlicesError(
-                f"{what}: {len(missing_mm)} slice(s) missing at {missing_mm} mm along the "
-                "slice normal. Re-export the complete series, or load without strict=True "
-                "to interpolate the gap.",
-            )
-        findings.append(
-            Finding(
-                "MISSING_SLICES",
-                f"{len(missing_mm)} slice(s) missing at {missing_mm} mm along the slice "
-                "normal; the gap was filled by linear interpolation.",
-                detail,
-            )
-        )
-    if irregular and strict:
-        raise GeometryError(
-            f"{what}: slice spacing is uneven ({float(np.diff(d).min()):.3f} to "
-            f"{float(np.diff(d).max()):.3f} mm). Load without strict=True to resample onto "
-            "a regular grid.",
-            code="UNEVEN_SPACING",
-        )
-    if tilt_deg and strict:
-        raise GeometryError(
-            f"{what}: gantry tilt of {tilt_deg:.2f} degrees (slices are sheared). Load without "
-            "strict=True to resample onto an orthogonal grid.",
-            code="GANTRY_TILT",
-        )
-
     # pixel planes in (K, T, rows, cols) order
     if t_count == 1 and removed == 0 and len(order) == k_count:
         planes = buf  # already in spatial order, no copy
