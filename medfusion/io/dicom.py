@@ -1553,7 +1553,10 @@ def _full_header(h: _FileHeader, what: str) -> Dataset:
 
 
 def _load_enhanced(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
-    ds = _full_header(h, what)
+    # The scan already parsed the functional groups (top-level tags by name, sequences in
+    # full): reuse them instead of parsing a large header twice.
+    reusable = isinstance(h.ds, Dataset) and "PerFrameFunctionalGroupsSequence" in h.ds
+    ds = h.ds if reusable else _full_header(h, what)
     slices = _slices_from_enhanced(ds, what)
     stored_cache: dict[str, Any] = {}
 
