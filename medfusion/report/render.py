@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import Any
 
 from medfusion.report import plots
@@ -45,8 +46,12 @@ def _f(x: Any) -> float:
     return math.nan if x is None else float(x)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """Escaped text; control characters (invalid in HTML) dropped."""
+    return html.escape(_CONTROL.sub("", str(text)), quote=True)
 
 
 def _n(x: Any, digits: int = 3) -> str:
@@ -251,8 +256,8 @@ def _subgroups(r: dict) -> str:
                 _n(cal.get("slope")),
             ])
             a = b["auroc"]
-            forest.append((level, _f(a.get("value")), _f(a.get("ci_low")), _f(a.get("ci_high")),
-                           b["n"]))
+            forest.append((_CONTROL.sub("", level), _f(a.get("value")), _f(a.get("ci_low")),
+                           _f(a.get("ci_high")), b["n"]))
         out.append(f"<h3>{_e(column)}</h3>")
         counts = "positives" if r.get("positive_label") else "per class"
         out.append(_table(["level", "n", counts, "AUROC", "AUPRC", "sensitivity",
