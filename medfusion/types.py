@@ -170,6 +170,8 @@ class Prediction:
     shapley: Mapping[str, float] | None = None
     explanation: Explanation | None = None
     flags: tuple[str, ...] = ()
+    #: encoder feature-statistics shift (<= ~1 for training-like studies; docs/trust.md)
+    feature_shift: float | None = None
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,16 @@ def test_fit_is_deterministic_and_round_trips() -> None:
     assert restored.temperature == a
 
 
+def test_separable_validation_keeps_t_equal_to_one() -> None:
+    """Perfectly separated validation logits have no finite NLL optimum (T -> 0)."""
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, size=40)
+    logits = np.zeros((40, 2))
+    logits[np.arange(40), y] = rng.uniform(2.0, 6.0, size=40)
+    scaler = TemperatureScaler().fit(logits, y)
+    assert scaler.temperature == 1.0 and scaler.to_dict()["separable"] is True
+
+
 def test_accepts_torch_tensors() -> None:
     import torch
 

@@ -373,7 +373,8 @@ class FusionModel:
                 abstain=None if pset is None else len(pset) != 1,
                 shapley=trust.shapley[i],
                 explanation=explanation,
-                flags=prep.flags,
+                flags=(*prep.flags, *(trust.flags[i] if trust.flags else ())),
+                feature_shift=None if trust.feature_shift is None else trust.feature_shift[i],
             ))
         return out
 

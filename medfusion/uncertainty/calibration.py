@@ -8,6 +8,7 @@ L-BFGS in float64, which is deterministic on CPU.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,14 @@ import torch
 from medfusion.errors import CalibrationError
 from medfusion.uncertainty._arrays import as_numpy, check_labels, check_scores
 
-# log T is searched in [-_LOG_T_BOUND, _LOG_T_BOUND] (T in about [0.007, 150]): outside it the
-# validation set is degenerate (all correct with margin, or pure noise) and T is meaningless.
-_LOG_T_BOUND = 5.0
+log = logging.getLogger("medfusion.uncertainty")
+
+# log T is searched in [-_LOG_T_BOUND, _LOG_T_BOUND] (T in about [0.05, 20]). A validation
+# split that the model classifies entirely correctly has no finite optimum: every sample's
+# NLL keeps falling as T -> 0 (measured: T = 0.02 from 12 such studies, which then turned
+# every test prediction into p = 1.0 and every entropy into 0). Such a split is therefore
+# treated as "no evidence to sharpen": T = 1, recorded as ``separable`` in the state.
+_LOG_T_BOUND = 3.0
 
 
 def softmax(logits: Any) -> np.ndarray:
@@ -82,6 +88,13 @@ class TemperatureScaler:
         value = float(np.clip(log_t.detach().item(), -_LOG_T_BOUND, _LOG_T_BOUND))
         if not np.isfinite(value):  # pragma: no cover - defensive: LBFGS on finite input
             raise CalibrationError("temperature fit diverged; check the validation logits.")
+        true = z[np.arange(len(labels)), labels]
+        others = np.where(np.eye(z.shape[1], dtype=bool)[labels], -np.inf, z).max(axis=1)
+        self.separable_ = bool(np.all(true > others))
+        if self.separable_:
+            log.warning("the validation split is separated perfectly, so no temperature can "
+                        "be fitted; keeping T = 1 (use a larger validation split)")
+            value = 0.0
         self.temperature_ = float(np.exp(value))
         self.n_samples_ = int(z.shape[0])
         return self
@@ -101,6 +114,7 @@ class TemperatureScaler:
             "kind": "temperature",
             "temperature": self.temperature,
             "n_samples": int(getattr(self, "n_samples_", 0)),
+            "separable": bool(getattr(self, "separable_", False)),
         }
 
     @classmethod

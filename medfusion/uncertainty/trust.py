@@ -3,7 +3,8 @@
 :func:`trust_outputs` is what ``FusionModel.predict_prepared`` calls: for a single-network
 model it draws MC-dropout samples of the fusion head (mutual information and the spread of
 the predicted class's probability; an ensemble gets those from its members instead), and
-for every model it computes exact modality Shapley values.
+for every model it computes exact modality Shapley values and the feature-statistics shift
+(:mod:`medfusion.uncertainty.shift`, flag ``OUT_OF_DISTRIBUTION``).
 
 Determinism: every study gets its own dropout stream seeded by ``seed`` alone, so a study's
 numbers do not depend on which other studies share its batch (1 worker == N workers).
@@ -25,6 +26,12 @@ import torch
 from medfusion.uncertainty.calibration import softmax
 from medfusion.uncertainty.mc import dropout_modules, dropout_only
 from medfusion.uncertainty.metrics import mutual_information
+from medfusion.uncertainty.shift import (
+    FLAG_OOD,
+    SHIFT_FLAG_THRESHOLD,
+    record_shift,
+    shift_of,
+)
 
 #: MC-dropout head passes per study (head only: ~1 ms each for the default head)
 DEFAULT_SAMPLES = 20
@@ -39,6 +46,8 @@ class TrustOutputs:
     prob_std: list[float] | None
     mc_probs: np.ndarray | None
     shapley: list[dict[str, float] | None]
+    feature_shift: list[float] | None = None
+    flags: list[tuple[str, ...]] | None = None
 
 
 def shapley_target(n_classes: int, probs_row: np.ndarray) -> int:
@@ -80,6 +89,7 @@ def trust_outputs(
     priors = {t: base_rate(model, t) for t in set(targets)}
     per_member: list[list[dict[str, float]]] = []
     mc = np.zeros((n_samples, n, n_classes)) if use_mc else None
+    shifts: list[list[float]] = [[] for _ in range(n)]
     for net in nets:
         was_training = net.training
         member_phi: list[dict[str, float]] = []
@@ -91,8 +101,9 @@ def trust_outputs(
                 clin = None if clinical is None else torch.from_numpy(
                     np.ascontiguousarray(clinical[i:i + 1], dtype=np.float32))
                 pres = torch.from_numpy(np.ascontiguousarray(present[i:i + 1], dtype=bool))
-                with torch.no_grad():
+                with record_shift(list(net.encoders.values())) as rec, torch.no_grad():
                     emb = net.encode(imgs, clin, pres)
+                shifts[i].append(shift_of(rec))
                 if shapley:
                     member_phi.append(modality_shapley(
                         net, emb, pres, targets[i], temperature=temperature,
@@ -111,8 +122,10 @@ def trust_outputs(
         for i in range(n):
             keys = sorted(per_member[0][i])
             phi[i] = {k: float(np.mean([m[i][k] for m in per_member])) for k in keys}
+    shift = [float(np.mean(v)) for v in shifts]
+    flags = [(FLAG_OOD,) if v > SHIFT_FLAG_THRESHOLD else () for v in shift]
     if mc is None:
-        return TrustOutputs(None, None, None, phi)
+        return TrustOutputs(None, None, None, phi, shift, flags)
     mean = mc.mean(axis=0)
     top = mean.argmax(axis=1)
     std = mc.std(axis=0)[np.arange(n), top]
@@ -121,4 +134,6 @@ def trust_outputs(
         prob_std=[float(v) for v in std],
         mc_probs=mc,
         shapley=phi,
+        feature_shift=shift,
+        flags=flags,
     )
