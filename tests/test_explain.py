@@ -223,3 +223,34 @@ def test_write_explanation_refuses_unsafe_names(tmp_path: Path) -> None:
     with pytest.raises(UnsafePathError):
         write_explanation(Explanation(saliency={"../ct": vol}), tmp_path, "st-1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_xray_role_saliency_round_trip(tmp_path: Path) -> None:
+    """A 2D (X-ray, K = 1) role: Grad-CAM on the 2D encoder, back onto the radiograph grid."""
+    nib = pytest.importorskip("nibabel")
+    from medfusion.explain.export import saliency_to_source
+    from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig
+    from medfusion.preprocess import RoleSpec, prepare_volume, to_tensor_input
+
+    torch.manual_seed(0)
+    net = FusionNet(NetConfig(roles={"xray": RoleNetConfig(spatial_dims=2, grid=(32, 32, 1))},
+                              n_classes=2, embed_dim=8)).eval()
+    rng = np.random.default_rng(0)
+    affine = np.diag([-0.6, -0.6, 1.0, 1.0])
+    source = Volume(array=rng.random((40, 48, 1), dtype=np.float32), affine=affine,
+                    modality="DX")
+    prepared = prepare_volume(source, RoleSpec(grid=(32, 32, 1), normalization="none"),
+                              role="xray")
+    x = torch.from_numpy(to_tensor_input(prepared))[None]
+    for method in ("gradcam", "gradcampp"):
+        cam = role_cam(net, "xray", {"xray": x}, None, torch.ones(1, 1, dtype=torch.bool), 1,
+                       method)
+        assert cam.shape == (1, 32, 32, 1)
+    mapped = saliency_to_source(cam[0], prepared, source)
+    assert mapped.shape == (40, 48, 1) and np.array_equal(mapped.affine, affine)
+    write_explanation(Explanation(saliency={"xray": mapped}), tmp_path, "st-x",
+                      images={"xray": source})
+    back = nib.load(str(tmp_path / "st-x" / "xray.nii.gz"))
+    assert back.shape == (40, 48, 1)
+    np.testing.assert_allclose(back.affine, affine)
+    assert (tmp_path / "st-x" / "xray.png").stat().st_size > 500
