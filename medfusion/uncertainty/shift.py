@@ -3,19 +3,23 @@
 Every medfusion encoder normalises with BatchNorm, whose running statistics are the
 training data's per-channel mean ``m_c`` and variance ``v_c`` of each layer's input. For one
 study, let ``mu_c`` be the spatial mean of channel ``c`` at that layer and
-``z_c = (mu_c - m_c) / sqrt(v_c)``. By the law of total variance, ``v_c`` = within-study
-variance + the variance of ``mu_c`` across training studies, so ``E_train[z_c^2] <= 1``:
-averaged over channels and layers, a training-like study scores at most about 1, usually far
-less (measured on a model trained by ``medfusion train``: median 0.05, 95th percentile 0.2 on
-held-out studies; 2.4 on noise volumes; 0.84 for CT and MR swapped).
+``z_c = (mu_c - m_c) / sqrt(v_c)``: how far the study's average feature lies from the
+training average, in training standard deviations. By the law of total variance
+``E_train[z_c^2] <= 1``, and for layers with many spatial cells it is far smaller.
 
-``feature_shift`` is that average over the BatchNorm layers of the encoders of the present
-imaging roles (0 when no imaging role is present). Studies above ``SHIFT_FLAG_THRESHOLD``
-(= 1, the bound above) are flagged ``OUT_OF_DISTRIBUTION``.
+``feature_shift`` is, over the BatchNorm layers of the encoders of the present imaging
+roles, the *median* of the per-layer channel-averaged ``z_c^2`` (0 when no imaging role is
+present). The median because the deepest layers have a handful of cells, so their
+``mu_c`` is nearly one activation and heavy-tailed even on held-out studies. A study above
+``SHIFT_FLAG_THRESHOLD`` (0.25: the typical layer's channel means off by half a training
+standard deviation) is flagged ``OUT_OF_DISTRIBUTION``.
+
+Measured on a model trained by ``medfusion train`` (synthetic CT + MR, 32^3): held-out
+studies 0.01 (max 0.03), noise volumes 0.58, CT and MR swapped 1.04.
 
 It complements MC dropout: head-only dropout cannot see that the encoders received
 something unusual, while this score reads exactly that. It is a screening signal, not a
-calibrated probability; a shift below 1 does not prove the study is in distribution.
+calibrated probability; a low shift does not prove the study is in distribution.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-SHIFT_FLAG_THRESHOLD = 1.0
+SHIFT_FLAG_THRESHOLD = 0.25
 FLAG_OOD = "OUT_OF_DISTRIBUTION"
 
 
@@ -65,7 +69,10 @@ def shift_of(recorder: _ShiftRecorder) -> float:
     """The study's feature shift from one recorded batch-of-one pass (0 if nothing ran)."""
     if not recorder.values:
         return 0.0
-    return float(torch.cat(recorder.values).mean())
+    # median over layers: deep layers with a handful of spatial cells make mu_c nearly a
+    # single activation, whose z^2 is heavy-tailed on held-out studies (measured p95 of 17
+    # on one layer), while the typical layer stays near 0
+    return float(torch.cat(recorder.values).median())
 
 
 def feature_shift(
