@@ -168,9 +168,10 @@ def test_predict_manifest_rows(model_dir: Path, cohort: Path, tmp_path: Path) ->
     out = predict_manifest(model_dir, cohort / "manifest.csv", tmp_path / "p.csv")
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 16
-    assert list(rows[0]) == ["study_id", "predicted", "prob_normal", "prob_abnormal",
-                             "weight_ct", "weight_mr", "weight_xray", "weight_clinical",
-                             "error"]
+    columns = list(rows[0])
+    assert columns[:8] == ["study_id", "predicted", "prob_normal", "prob_abnormal",
+                           "weight_ct", "weight_mr", "weight_xray", "weight_clinical"]
+    assert columns[-1] == "error"
     failed = [r for r in rows if r["error"]]
     assert len(failed) == 1 and failed[0]["predicted"] == ""  # the damaged study
     for r in rows:
@@ -188,3 +189,23 @@ def test_kernel_fusion_round_trip(cohort: Path, tmp_path: Path) -> None:
     b = FusionModel.load(path).predict(study)
     assert a.probabilities == b.probabilities
     assert a.modality_weights is None
+
+
+def test_half_precision_package_with_tta(cohort: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    recipe = {**RECIPE, "modalities": {"ct": {"grid": [16, 16, 16]}},
+              "weights_dtype": "float16", "tta": True}
+    path = train(recipe, cohort / "manifest.csv", tmp_path / "h", seed=0, progress=False)
+    arrays = load_file(path / "weights.safetensors")
+    floats = [a.dtype for a in arrays.values() if a.dtype.kind == "f"]
+    assert floats and all(d == np.float16 for d in floats)
+    card = json.loads((path / "model.json").read_text())
+    model = FusionModel.load(path)
+    rows = [r for r in csv.DictReader((cohort / "manifest.csv").open()) if r["split"] == "test"]
+    y = np.array([RECIPE["labels"].index(r["label"]) for r in rows])
+    preds = [model.predict(_study(cohort, r["study_id"])) for r in rows]
+    probs = np.array([[p.probabilities[lab] for lab in RECIPE["labels"]] for p in preds])
+    nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))))
+    # Training measured the rounded weights, with the same test-time flips.
+    assert nll == pytest.approx(card["metrics"]["test"]["nll"], abs=1e-6)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -76,6 +77,18 @@ def run_net(net: torch.nn.Module, images: Mapping[str, np.ndarray], clinical: np
         net.train(was_training)
     return (np.concatenate(logits), np.concatenate(weights) if weights else None,
             np.concatenate(embeddings))
+
+
+def tta_variants(images: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The batch under every combination of flips of the spatial axes (identity first);
+    unit axes (a radiograph's depth) are never flipped."""
+    variants = []
+    for axes in itertools.chain.from_iterable(
+            itertools.combinations((2, 3, 4), k) for k in range(4)):
+        variants.append({r: np.flip(a, axis=[ax for ax in axes if a.shape[ax] > 1])
+                         if any(a.shape[ax] > 1 for ax in axes) else a
+                         for r, a in images.items()})
+    return variants
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -202,6 +215,8 @@ class FusionModel:
                 kp = prefix + "kernel."
                 arrays = {k[len(kp):]: v.numpy() for k, v in tensors.items() if k.startswith(kp)}
                 self.kernels.append(KernelFusionClassifier.from_state(entry["kernel"], arrays))
+        # Test-time augmentation: average over the flips the model was trained with.
+        self.tta = bool(card.get("recipe", {}).get("tta", False))
         self.temperature = None
         self.conformal = None
         calibration = card.get("calibration")
@@ -302,15 +317,21 @@ class FusionModel:
         """Raw class probabilities of every ensemble member (S, N, C) and the mean modality
         weights (N, M) (attention alphas / gates) when the head has them."""
         member_probs, member_weights = [], []
+        variants = tta_variants(images) if self.tta else [images]
         for i, net in enumerate(self.nets):
-            logits, weights, embeddings = run_net(net, images, clinical, present)
-            if self.kernels:
-                member_probs.append(np.asarray(
-                    self.kernels[i].predict_proba(embeddings, present), dtype=np.float64))
-            else:
-                member_probs.append(softmax(logits.astype(np.float64)))
-            if weights is not None:
-                member_weights.append(weights)
+            probs_v, weights_v = [], []
+            for imgs in variants:
+                logits, weights, embeddings = run_net(net, imgs, clinical, present)
+                if self.kernels:
+                    probs_v.append(np.asarray(
+                        self.kernels[i].predict_proba(embeddings, present), dtype=np.float64))
+                else:
+                    probs_v.append(softmax(logits.astype(np.float64)))
+                if weights is not None:
+                    weights_v.append(weights)
+            member_probs.append(np.mean(probs_v, axis=0))
+            if weights_v:
+                member_weights.append(np.mean(weights_v, axis=0))
         weights_mean = np.mean(member_weights, axis=0) if member_weights else None
         return np.stack(member_probs), weights_mean
 

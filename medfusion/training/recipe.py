@@ -62,7 +62,10 @@ _TOP_KEYS = {
     "val_fraction",
     "test_fraction",
     "max_minutes",
+    "weights_dtype",
+    "tta",
 }
+AUGMENTS = ("none", "flip", "flip_permute")
 
 
 def registry_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -122,11 +125,13 @@ class Recipe:
     weight_decay: float = 1e-4
     patience: int = 10
     class_weighting: bool = True
-    augment: bool = True
+    augment: str = "flip"
     ensemble: int = 1
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     max_minutes: float | None = None
+    weights_dtype: str = "float32"
+    tta: bool = False
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -199,6 +204,13 @@ def _bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise _err(f"`{name}` must be true or false, got {value!r}.")
     return value
+
+
+def _augment(value: Any) -> str:
+    """``true`` = flips, ``false`` = none, or a named mode."""
+    if isinstance(value, bool):
+        return "flip" if value else "none"
+    return _name(value, "augment", AUGMENTS)
 
 
 def _name(value: Any, name: str, allowed: tuple[str, ...]) -> str:
@@ -369,10 +381,13 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         weight_decay=_float(data.get("weight_decay", 1e-4), "weight_decay", 0.0, 1.0),
         patience=_int(data.get("patience", 10), "patience", 1, 10000),
         class_weighting=_bool(data.get("class_weighting", True), "class_weighting"),
-        augment=_bool(data.get("augment", True), "augment"),
+        augment=_augment(data.get("augment", "flip")),
         ensemble=_int(data.get("ensemble", 1), "ensemble", 1, 20),
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         max_minutes=None if max_minutes is None else _float(max_minutes, "max_minutes", 0.01, 1e5),
+        weights_dtype=_name(data.get("weights_dtype", "float32"), "weights_dtype",
+                            ("float32", "float16")),
+        tta=_bool(data.get("tta", False), "tta"),
         source=data,
     )

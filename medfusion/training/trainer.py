@@ -98,8 +98,11 @@ def _batch(data: PreparedDataset, clinical: np.ndarray | None, idx: np.ndarray
     return images, clin, torch.from_numpy(data.present[idx])
 
 
-def _augment(images: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random flips per sample along each spatial axis (depth skipped for radiographs)."""
+def _augment(images: dict[str, torch.Tensor], gen: torch.Generator, mode: str
+             ) -> dict[str, torch.Tensor]:
+    """Random flips per sample along each spatial axis (depth skipped for radiographs);
+    ``flip_permute`` also permutes the axes of cubic grids (one permutation per batch), for
+    orientation-free shape data such as segmentation masks."""
     out = {}
     for role, x in images.items():
         for dim in (2, 3, 4):
@@ -108,6 +111,9 @@ def _augment(images: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str,
             flip = torch.rand(x.shape[0], generator=gen) < 0.5
             if bool(flip.any()):
                 x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(dim), x)
+        if mode == "flip_permute" and x.shape[2] == x.shape[3] == x.shape[4]:
+            perm = torch.randperm(3, generator=gen).tolist()
+            x = x.permute(0, 1, *[p + 2 for p in perm]).contiguous()
         out[role] = x
     return out
 
@@ -156,8 +162,8 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
             if len(idx) < 2 and len(order) > 1:
                 continue  # a lone last sample would make BatchNorm statistics degenerate
             images, clin, present = _batch(data, clinical, idx)
-            if recipe.augment:
-                images = _augment(images, gen)
+            if recipe.augment != "none":
+                images = _augment(images, gen, recipe.augment)
             out = net(images, clin, present)
             loss = torch.nn.functional.cross_entropy(out.logits, y_all[idx], weight=weight)
             opt.zero_grad(set_to_none=True)
@@ -317,8 +323,16 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
                                    log_handle=handle, progress=bar, task=task,
                                    deadline=deadline)
                 prefix = f"m{m}."
+                if rec.weights_dtype == "float16":
+                    # Round in place first so calibration, metrics and the kernel SVM all
+                    # see exactly the weights the (half-size) package will hold.
+                    net.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point()
+                                         else v for k, v in net.state_dict().items()})
                 for k, v in net.state_dict().items():
-                    tensors[prefix + k] = v.detach().contiguous().clone()
+                    v = v.detach().contiguous().clone()
+                    if rec.weights_dtype == "float16" and v.is_floating_point():
+                        v = v.half()
+                    tensors[prefix + k] = v
                 entry: dict[str, Any] = {"prefix": prefix, **info}
                 if rec.fusion == "kernel":
                     from medfusion.models.kernel import KernelFusionClassifier
