@@ -51,8 +51,9 @@ def recipe_for(config: str, size: int, epochs: int, minutes: float) -> dict:
     image = {"adrenal": {"grid": [size] * 3, "normalization": "none"}}
     clinical = {"marker": {"type": "numeric"}, "risk": {"type": "categorical"},
                 "age": {"type": "numeric"}}
+    # Same training settings for every configuration (masks: flips + axis permutations).
     base = {"labels": list(LABELS), "epochs": epochs, "batch_size": 32, "patience": 12,
-            "max_minutes": minutes}
+            "max_minutes": minutes, "augment": "flip_permute", "tta": True}
     if config == "image-only":
         return {**base, "modalities": image, "fusion": "concat", "modality_dropout": 0.0}
     if config == "clinical-only":
@@ -63,8 +64,8 @@ def recipe_for(config: str, size: int, epochs: int, minutes: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, choices=(28, 64), default=28)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--minutes", type=float, default=6.0, help="budget per configuration")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--minutes", type=float, default=4.0, help="budget per configuration")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -208,7 +208,8 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
             if progress is not None:
                 progress.update(task, advance=recipe.epochs - epoch - 1)
             break
-        if deadline is not None and time.monotonic() > deadline:
+        # Stop when another epoch like this one would overrun the time budget.
+        if deadline is not None and time.monotonic() + record["seconds"] > deadline:
             log.warning("time budget (max_minutes) reached; stopping training early")
             if progress is not None:
                 progress.update(task, advance=recipe.epochs - epoch - 1)
@@ -319,9 +320,13 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
                 member_seed = seed * 1009 + m
                 seed_everything(member_seed)
                 net = FusionNet(config)
+                # The time budget is shared evenly by the members still to train, so a slow
+                # first member never leaves the last ones one epoch each.
+                member_deadline = None if deadline is None else time.monotonic() + (
+                    deadline - time.monotonic()) / (rec.ensemble - m)
                 info = _fit_member(net, data, clinical, rec, seed=member_seed, member=m,
                                    log_handle=handle, progress=bar, task=task,
-                                   deadline=deadline)
+                                   deadline=member_deadline)
                 prefix = f"m{m}."
                 if rec.weights_dtype == "float16":
                     # Round in place first so calibration, metrics and the kernel SVM all
