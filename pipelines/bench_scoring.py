@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,13 @@ from pathlib import Path
 def _cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int) -> Path:
     from medfusion.testing.synthetic import write_cohort
 
+    if (root / "done").exists():  # reuse a cohort written by an earlier run of the bench
+        return root / "studies"
+    shutil.rmtree(root, ignore_errors=True)
+
     paths = write_cohort(root, n, seed=seed, roles=("ct",),
                          subject_kwargs={"ct_shape": shape})
+    (root / "done").write_text("ok")
     return paths.studies_dir
 
 
@@ -42,6 +48,8 @@ def _model(root: Path, shape: tuple[int, int, int], grid: int, encoder: str) -> 
     from medfusion.testing.synthetic import write_cohort
     from medfusion.training.trainer import train
 
+    if (root / "model" / "model.json").exists():
+        return root / "model"
     cohort = write_cohort(root / "train", 16, seed=99, roles=("ct",),
                           subject_kwargs={"ct_shape": shape})
     recipe = {"labels": ["normal", "abnormal"],
@@ -93,6 +101,7 @@ def _pure_infer(model_dir: Path, records: list) -> float:
 def _end_to_end(studies: Path, model_dir: Path, out: Path, workers: int) -> tuple[float, dict]:
     from medfusion.scoring.engine import score_folder
 
+    shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     summary = score_folder(studies, model_dir, out, workers=workers, progress=False)
     return time.perf_counter() - t0, summary.to_dict()
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.rss:
         studies = _cohort(work / f"rss-{n}", n, (40, 40, 24), seed=11)
         out = work / f"out-rss-{n}"
+        shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--child", str(studies), str(model_dir), str(out),
              str(args.workers)], capture_output=True, text=True, check=True)

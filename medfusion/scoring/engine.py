@@ -380,6 +380,42 @@ def score_folder(
     if not os.path.isdir(model_dir):
         raise MedfusionError("--model must be a model folder (written by FusionModel.save)",
                              code="MODEL_PACKAGE")
+    early = None
+    if engine == "local" and workers > 0:
+        # Start the workers first: their imports and model loading overlap the parent's.
+        early = LocalPool(workers, model_dir, factory=scorer_factory,
+                          time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb)
+    try:
+        return _run(early, studies_root, model_dir, out_path, clinical_csv, workers, resume,
+                    explain, alpha, engine, ray_address, seed, time_budget_s, memory_budget_mb,
+                    progress, command_line, scorer_factory, t_start, started_at)
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _run(
+    early: LocalPool | None,
+    studies_root: str,
+    model_dir: str,
+    out_path: Path,
+    clinical_csv: str | os.PathLike[str] | None,
+    workers: int,
+    resume: bool,
+    explain: bool,
+    alpha: float,
+    engine: str,
+    ray_address: str | None,
+    seed: int,
+    time_budget_s: float | None,
+    memory_budget_mb: float | None,
+    progress: bool,
+    command_line: Sequence[str] | None,
+    scorer_factory: ScorerFactory,
+    t_start: float,
+    started_at: str,
+) -> RunSummary:
+    """The body of :func:`score_folder` once options are checked (see its docstring)."""
     scorer = scorer_factory(model_dir)
     labels = tuple(scorer.labels)
     roles = tuple(scorer.roles)
@@ -466,8 +502,8 @@ def score_folder(
     preparer = None
     newly = 0
     try:
-        preparer = _make_preparer(engine, workers, model_dir, scorer, scorer_factory,
-                                  ray_address, time_budget_s, memory_budget_mb)
+        preparer = early or _make_preparer(engine, workers, model_dir, scorer, scorer_factory,
+                                           ray_address, time_budget_s, memory_budget_mb)
         ready: deque[dict[str, Any]] = deque()
         max_ready = max(1, workers)  # prepared studies waiting for inference (bounded)
         last_snapshot = time.monotonic()
@@ -480,7 +516,9 @@ def score_folder(
             bar.advance(record["status"] != "scored")
 
         while todo or preparer.busy() or ready:
-            while todo and preparer.capacity() > 0 and len(ready) < max_ready:
+            # Refill the workers *before* running inference, so they load the next studies
+            # while this process computes; prepared studies waiting are bounded too.
+            while todo and preparer.capacity() > 0 and len(ready) <= max_ready:
                 ref = todo.popleft()
                 preparer.submit((ref, clinical.get(ref.study_id), bool(explain)))
             for record in preparer.poll(0.0 if ready else 0.2):
@@ -488,6 +526,9 @@ def score_folder(
                     ready.append(record)
                 else:
                     finish(_failure_record(record))
+            while todo and preparer.capacity() > 0 and len(ready) <= max_ready:
+                ref = todo.popleft()
+                preparer.submit((ref, clinical.get(ref.study_id), bool(explain)))
             if ready:
                 record = ready.popleft()
                 finish(_predict_record(record, scorer, labels, modalities, out, explain, alpha,

@@ -149,8 +149,9 @@ def worker_main(
             return  # memory is not given back reliably: a fresh process takes over
 
 
-_PRELOAD = ["medfusion.scoring.pool", "medfusion.models.fusion_model", "medfusion.io.study",
-            "medfusion.preprocess"]
+# Imported once by the fork server, so every worker starts with them loaded.
+_PRELOAD = ["torch", "monai.networks", "medfusion.scoring.pool", "medfusion.models.fusion_model",
+            "medfusion.io.study", "medfusion.io.volume", "medfusion.preprocess"]
 
 
 def _context(start_method: str | None) -> Any:

@@ -15,6 +15,7 @@ every failure comes back as a PHI-free failure record.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -81,9 +82,13 @@ class FusionModelScorer:
         return cls(model, os.fspath(model_dir))
 
     def prepare(self, study: Study, *, explain: bool) -> Any:
-        # Without explanations the full-size source volumes are not needed in the parent:
-        # shipping only the model tensors is several times cheaper (design.md).
-        return self.model.prepare(study, keep_sources=explain)
+        # Without explanations neither the full-size source volumes nor the model-grid
+        # Volumes are needed in the parent: shipping only the tensors is several times
+        # cheaper between processes (design.md).
+        prepared = self.model.prepare(study, keep_sources=explain)
+        if not explain and getattr(prepared, "prepared", None):
+            prepared = dataclasses.replace(prepared, prepared={}, sources={})
+        return prepared
 
     def predict(self, prepared: Any, *, explain: bool, alpha: float) -> Prediction:
         # One study per call: batching would make the floats depend on which studies
