@@ -442,10 +442,18 @@ def _run(
         "seed": int(seed),
         "clinical_sha256": clinical_sha,
     }
-    journal = O.Journal(out / O.JOURNAL)
-    if resume:
-        journal.load()
-    journal.open(header)
+    # The engine starts before the journal is opened: a Ray cluster that cannot be reached
+    # is a fatal error that leaves OUT empty (a plain re-run needs no --resume).
+    preparer = early or _make_preparer(engine, workers, model_dir, scorer, scorer_factory,
+                                       ray_address, time_budget_s, memory_budget_mb)
+    try:
+        journal = O.Journal(out / O.JOURNAL)
+        if resume:
+            journal.load()
+        journal.open(header)
+    except BaseException:
+        preparer.close()
+        raise
     n_resumed = sum(1 for ref in found.studies if ref.study_id in journal.entries)
     todo = deque(ref for ref in found.studies if ref.study_id not in journal.entries)
     for ref in todo:  # saliency renamed into place by a killed run, before its journal line
@@ -497,13 +505,11 @@ def _run(
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         O.write_json(out / O.RUN_JSON, info)
 
-    snapshot("running")
-    bar = _Progress(progress, total=len(found.studies), done=n_resumed)
-    preparer = None
+    bar = _Progress(False, 0, 0)
     newly = 0
     try:
-        preparer = early or _make_preparer(engine, workers, model_dir, scorer, scorer_factory,
-                                           ray_address, time_budget_s, memory_budget_mb)
+        snapshot("running")
+        bar = _Progress(progress, total=len(found.studies), done=n_resumed)
         ready: deque[dict[str, Any]] = deque()
         max_ready = max(1, workers)  # prepared studies waiting for inference (bounded)
         last_snapshot = time.monotonic()
@@ -545,8 +551,7 @@ def _run(
         raise
     finally:
         bar.close()
-        if preparer is not None:
-            preparer.close()
+        preparer.close()
         journal.close()
     snapshot("complete")
     staging = out / O.SALIENCY / ".staging"
