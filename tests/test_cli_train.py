@@ -24,7 +24,8 @@ batch_size: 8
 
 
 def test_train_then_predict(tmp_path: Path) -> None:
-    write_cohort(tmp_path / "c", 12, seed=5, roles=("ct",), formats={"ct": "nifti"})
+    # CT as a DICOM series folder: the manifest path is a folder.
+    write_cohort(tmp_path / "c", 12, seed=5, roles=("ct",))
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     runner = CliRunner()
     result = runner.invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--manifest",

@@ -94,10 +94,8 @@ class PreparedCache:
 
 def load_input_volume(path: Path) -> Any:
     """``medfusion.io.volume.load_volume`` (a DICOM folder/file or a NIfTI file)."""
-    try:
-        from medfusion.io.volume import load_volume
-    except ImportError:  # TEMPORARY ADAPTER (D2): until io.volume lands, NIfTI only.
-        from medfusion.io.nifti import load_nifti as load_volume
+    from medfusion.io.volume import load_volume
+
     return load_volume(path)
 
 
