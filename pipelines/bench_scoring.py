@@ -107,19 +107,66 @@ def _end_to_end(studies: Path, model_dir: Path, out: Path, workers: int) -> tupl
     return time.perf_counter() - t0, summary.to_dict()
 
 
+def _descendants_rss_mb(root_pid: int) -> dict[int, float]:
+    """Resident memory (MiB) of every live descendant of ``root_pid`` (Linux /proc)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        except OSError:
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields.get("PPid", "0").strip() or 0)
+        if "VmRSS" in fields:
+            rss[pid] = int(fields["VmRSS"].split()[0]) / 1024
+    out = {}
+    for pid in rss:
+        p = parents.get(pid, 0)
+        while p and p != root_pid:
+            p = parents.get(p, 0)
+        if p == root_pid:
+            out[pid] = rss[pid]
+    return out
+
+
 def _rss_child(studies: str, model_dir: str, out: str, workers: int) -> None:
-    """Run in a fresh process: score, then print peak RSS (MiB) of itself and workers."""
+    """Run in a fresh process: score, then print peak RSS (MiB) of itself and of its
+    worker processes (sampled every 0.2 s: the fork server's children are not ours to
+    wait for, so getrusage cannot see them)."""
+    import threading
+
     from medfusion.scoring.engine import score_folder
 
+    peaks = {"worker_max_mb": 0.0, "workers_total_max_mb": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        me = os.getpid()
+        while not stop.is_set():
+            found = _descendants_rss_mb(me)
+            if found:
+                peaks["worker_max_mb"] = max(peaks["worker_max_mb"], max(found.values()))
+                peaks["workers_total_max_mb"] = max(peaks["workers_total_max_mb"],
+                                                    sum(found.values()))
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
     t0 = time.perf_counter()
     summary = score_folder(studies, model_dir, out, workers=workers, progress=False)
+    wall = time.perf_counter() - t0
+    stop.set()
+    thread.join()
     print(json.dumps({
         "studies": summary.n_studies,
         "scored": summary.n_scored,
-        "wall_s": round(time.perf_counter() - t0, 2),
+        "wall_s": round(wall, 2),
         "parent_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "worker_peak_mb": round(
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        **{k: round(v, 1) for k, v in peaks.items()},
     }))
 
 
