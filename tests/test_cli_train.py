@@ -59,3 +59,14 @@ def test_predict_refuses_a_missing_model(tmp_path: Path) -> None:
                                       str(tmp_path / "m.csv"), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 1
     assert "[MODEL_PACKAGE]" in result.output
+
+
+def test_unwritable_model_folder_fails_before_training(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "c", 4, seed=5, roles=("ct",), formats={"ct": "nifti"})
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--manifest",
+                                      str(tmp_path / "c" / "manifest.csv"), "--out",
+                                      str(tmp_path / "taken"), "--quiet"])
+    assert result.exit_code == 1
+    assert "[OUTPUT]" in result.output

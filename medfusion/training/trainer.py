@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfusion.errors import ManifestError
+from medfusion.errors import ManifestError, OutputError
 from medfusion.training.dataset import PreparedCache, PreparedDataset, build_dataset
 from medfusion.training.manifest import assign_splits, read_manifest
 from medfusion.training.recipe import Recipe, load_recipe
@@ -272,6 +272,13 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
     manifest = Path(manifest)
     out = Path(out)
     rows = read_manifest(manifest, rec)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").touch()
+        (out / ".write_test").unlink()
+    except OSError:
+        raise OutputError("The model folder cannot be created or written: choose a writable "
+                          "--out folder.") from None
     splits = assign_splits(rows, val_fraction=rec.val_fraction, test_fraction=rec.test_fraction,
                            seed=seed)
     cache = PreparedCache(Path(cache_dir) if cache_dir is not None
@@ -305,7 +312,6 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
         dropout=rec.dropout,
         modality_dropout=rec.modality_dropout,
     )
-    out.mkdir(parents=True, exist_ok=True)
     deadline = None if rec.max_minutes is None else started + 60.0 * rec.max_minutes
     tensors: dict[str, torch.Tensor] = {}
     members: list[dict[str, Any]] = []
