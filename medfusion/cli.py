@@ -154,12 +154,12 @@ def score(
         console.print(f"[red]error[/red] [INTERNAL] unexpected {type(error).__name__}; "
                       "run again with --resume after reporting it")
         raise typer.Exit(code=1) from None
-    line = (f"scored {summary.n_scored} of {summary.n_studies} studies"
-            f" ({summary.n_resumed} from a previous run), {summary.n_failed} failed,"
-            f" {summary.n_skipped_files} non-medical files skipped")
+    line = (f"scored {summary.n_scored}/{summary.n_studies} studies "
+            f"({summary.n_resumed} resumed), {summary.n_failed} failed, "
+            f"{summary.n_skipped_files} files skipped")
     if summary.n_failed:
-        line += "; see failures.csv in the output folder"
-    console.print(line)
+        line += "; see failures.csv"
+    console.print(line, soft_wrap=True)
     raise typer.Exit(code=summary.exit_code)
 
 
