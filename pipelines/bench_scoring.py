@@ -69,7 +69,7 @@ def _pure_load(studies: Path, model_dir: Path, workers: int) -> tuple[float, lis
     pool = LocalPool(workers, str(model_dir), factory=load_fusion_scorer)
     # Wait for the workers to start so that startup is not counted (score_folder pays it
     # too, but it is a constant, not a per-study cost).
-    while not all(w.ready for w in pool.workers):
+    while len(pool.workers) < workers or not all(w.ready for w in pool.workers):
         pool.poll(0.1)
     t0 = time.perf_counter()
     todo = list(found.studies)

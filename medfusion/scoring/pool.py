@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -202,8 +203,25 @@ class LocalPool:
         self._init_failures = 0
         self._queued: deque[Task] = deque()
         self._baseline_mb: dict[int, float] = {}
-        for _ in range(n):
-            self.workers.append(self._spawn())
+        # Processes are started from a thread: the first start waits for the fork server to
+        # import torch and MONAI, and the caller meanwhile loads its own model copy.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._starter = threading.Thread(target=self._start_all, daemon=True)
+        self._starter.start()
+
+    def _start_all(self) -> None:
+        for _ in range(self.n):
+            worker = self._spawn()
+            with self._lock:
+                if self._closed:
+                    worker.process.kill()
+                    return
+                self.workers.append(worker)
+
+    def _live(self) -> list[_Worker]:
+        with self._lock:
+            return list(self.workers)
 
     def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe(duplex=True)
@@ -225,23 +243,25 @@ class LocalPool:
         worker.process.join(timeout=5)
         worker.conn.close()
         self._baseline_mb.pop(id(worker), None)
-        self.workers[self.workers.index(worker)] = self._spawn()
+        fresh = self._spawn()
+        with self._lock:
+            self.workers[self.workers.index(worker)] = fresh
         self.recycled += 1
 
     def capacity(self) -> int:
-        # Tasks wait in a short queue while workers start, so the first ones begin at once.
-        idle = sum(1 for w in self.workers if w.task is None)
-        return max(0, idle - len(self._queued))
+        # Workers not started yet count as idle: tasks wait in a short queue meanwhile, so
+        # the first ones begin the moment a worker is ready.
+        return max(0, self.n - self.busy())
 
     def busy(self) -> int:
-        return sum(1 for w in self.workers if w.task is not None) + len(self._queued)
+        return sum(1 for w in self._live() if w.task is not None) + len(self._queued)
 
     def submit(self, task: Task) -> None:
         self._queued.append(task)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        for worker in self.workers:
+        for worker in self._live():
             if not self._queued:
                 return
             if worker.ready and worker.task is None:
@@ -253,10 +273,13 @@ class LocalPool:
     def poll(self, timeout: float) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         watch: dict[Any, _Worker] = {}
-        for worker in self.workers:
+        for worker in self._live():
             watch[worker.conn] = worker
             watch[worker.process.sentinel] = worker
-        ready = wait(list(watch), timeout=timeout) if watch else []
+        if not watch:  # still starting: wait instead of spinning
+            time.sleep(timeout)
+            return out
+        ready = wait(list(watch), timeout=timeout)
         handled: set[int] = set()
         for obj in ready:
             worker = watch[obj]
@@ -311,7 +334,7 @@ class LocalPool:
 
     def _check_budgets(self, out: list[dict[str, Any]]) -> None:
         now = time.monotonic()
-        for worker in list(self.workers):
+        for worker in self._live():
             if worker.task is None:
                 continue
             ref = worker.task[0]
@@ -329,6 +352,9 @@ class LocalPool:
                     )
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._starter.join()
         for worker in self.workers:
             try:
                 if worker.process.is_alive() and worker.task is None:
