@@ -27,8 +27,9 @@ RECIPE = {
     "labels": ["normal", "abnormal"],
     "modalities": {"ct": {"grid": [16, 16, 16]}, "mr": {"grid": [16, 16, 16]},
                    "xray": {"grid": [32, 32, 1]}},
-    "clinical": {"age": {"type": "numeric"}, "sex": {"type": "categorical"},
-                 "crp": {"type": "numeric"}},
+    # Not in alphabetical order on purpose: model.json sorts keys, loading must not care.
+    "clinical": {"crp": {"type": "numeric"}, "sex": {"type": "categorical"},
+                 "age": {"type": "numeric"}},
     "fusion": "attention",
     "epochs": 3,
     "batch_size": 8,
