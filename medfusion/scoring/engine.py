@@ -385,11 +385,19 @@ def score_folder(
         # Start the workers first: their imports and model loading overlap the parent's.
         early = LocalPool(workers, model_dir, factory=scorer_factory,
                           time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb)
+    import torch
+
+    # Inference in this process runs on one thread: the bytes then do not depend on the
+    # machine or on --workers, and torch's thread pool does not spin against the workers
+    # (measured: 114 s of CPU instead of ~10 s for 200 studies on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return _run(early, studies_root, model_dir, out_path, clinical_csv, workers, resume,
                     explain, alpha, engine, ray_address, seed, time_budget_s, memory_budget_mb,
                     progress, command_line, scorer_factory, t_start, started_at)
     finally:
+        torch.set_num_threads(threads)
         if early is not None:
             early.close()
 
