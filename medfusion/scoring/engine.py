@@ -187,30 +187,6 @@ def prediction_row(
     return row
 
 
-def _write_saliency_fallback(explanation: Any, folder: Path) -> dict[str, str]:
-    """Temporary writer until medfusion.explain.write_explanation lands: NIfTI (nibabel,
-    empty description) + a PNG of the middle slice per role."""
-    import nibabel as nib
-    import numpy as np
-
-    written = {}
-    for role, volume in sorted(explanation.saliency.items()):
-        name = O.safe_component(str(role), prefix="r-")
-        array = np.asarray(volume.array, dtype=np.float32)
-        image = nib.Nifti1Image(array, np.asarray(volume.affine, dtype=np.float64))
-        nib.save(image, folder / f"{name}.nii.gz")
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        mid = array[:, :, array.shape[2] // 2] if array.ndim >= 3 else array
-        plt.imsave(folder / f"{name}.png", np.rot90(np.squeeze(mid)), cmap="inferno",
-                   vmin=0.0, vmax=1.0)
-        written[str(role)] = f"{name}.nii.gz"
-    return written
-
-
 def write_saliency(
     out: Path, study_id: str, explanation: Any, images: Mapping[str, Any] | None = None
 ) -> dict[str, str]:
@@ -228,18 +204,14 @@ def write_saliency(
     final = O.path_under(sal_root, folder_name)
     tmp = O.path_under(staging, folder_name)
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        from medfusion.explain.export import write_explanation
-    except ImportError:  # explanations not installed: the temporary writer below
-        tmp.mkdir()
-        written = _write_saliency_fallback(explanation, tmp)
-    else:
-        paths = write_explanation(explanation, staging, folder_name, images=images)
-        written = {}
-        for role in sorted(explanation.saliency):
-            path = paths.get(f"{role}.nii.gz")
-            if path is not None:
-                written[str(role)] = Path(path).name
+    from medfusion.explain.export import write_explanation
+
+    paths = write_explanation(explanation, staging, folder_name, images=images)
+    written = {}
+    for role in sorted(explanation.saliency):
+        path = paths.get(f"{role}.nii.gz")
+        if path is not None:
+            written[str(role)] = Path(path).name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

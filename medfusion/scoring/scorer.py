@@ -228,30 +228,6 @@ def failure(ref: StudyRef, stage: str, error: BaseException, files: Sequence[str
     return {"study_id": ref.study_id, "stage": stage, "code": code, "message": message}
 
 
-def _load_study_function() -> Any:
-    """``medfusion.io.study.load_study`` (engineer B)."""
-    try:
-        from medfusion.io.study import load_study
-    except ImportError:  # TEMPORARY ADAPTER (F): until io.study lands, NIfTI files by name.
-        return _tmp_load_study_nifti
-    return load_study
-
-
-def _tmp_load_study_nifti(folder: str, clinical: Mapping[str, Any] | None = None) -> Study:
-    """TEMPORARY ADAPTER (F), removed once medfusion.io.study exists: ``<role>.nii.gz``."""
-    from medfusion.io.keys import pseudonym
-    from medfusion.io.nifti import load_nifti
-
-    volumes = {}
-    for name in sorted(os.listdir(folder)):
-        for suffix in (".nii.gz", ".nii"):
-            if name.endswith(suffix):
-                volumes[name[: -len(suffix)]] = load_nifti(os.path.join(folder, name))
-    if not volumes:
-        raise NoImagesError("no image in this study folder")
-    return Study(key=pseudonym(folder, prefix="st-"), volumes=volumes, clinical=clinical)
-
-
 def _mirror(ref: StudyRef, files: Sequence[str], tmp: str) -> str:
     """A folder holding exactly ``files`` of a loose group (hard links, or copies across
     filesystems): the study loader then sees this study's files and nothing else."""
@@ -274,7 +250,7 @@ def prepare_task(
 ) -> dict[str, Any]:
     """Load and prepare one study. Returns a record with ``ok`` and either ``prepared`` or
     ``failure``, plus the input digest, counts and timings. Never raises."""
-    load_study = _load_study_function()
+    from medfusion.io.study import load_study
 
     t0 = time.perf_counter()
     tracked = memory_budget_mb is not None and reset_peak_rss()
