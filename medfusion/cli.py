@@ -31,7 +31,7 @@ def _fail(error: MedfusionError) -> None:
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A study folder, a DICOM series folder or file, or NIfTI."),
+    path: Path = typer.Argument(..., help="A study folder, DICOM series folder or file, or NIfTI."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show what was found (studies, series, modality, shape, spacing, issues), PHI-free."""
