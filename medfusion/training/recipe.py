@@ -64,6 +64,7 @@ _TOP_KEYS = {
     "max_minutes",
     "weights_dtype",
     "tta",
+    "aux_loss",
 }
 AUGMENTS = ("none", "flip", "flip_permute")
 
@@ -132,6 +133,7 @@ class Recipe:
     max_minutes: float | None = None
     weights_dtype: str = "float32"
     tta: bool = False
+    aux_loss: float = 0.5
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -389,5 +391,6 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         weights_dtype=_name(data.get("weights_dtype", "float32"), "weights_dtype",
                             ("float32", "float16")),
         tta=_bool(data.get("tta", False), "tta"),
+        aux_loss=_float(data.get("aux_loss", 0.5), "aux_loss", 0.0, 10.0),
         source=data,
     )

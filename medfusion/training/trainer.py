@@ -137,7 +137,15 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
     n_classes = len(recipe.labels)
     weight = _class_weights(data.labels[train_idx], n_classes) if recipe.class_weighting else None
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=recipe.learning_rate,
+    # Auxiliary per-modality heads (training only, not saved): each modality's embedding must
+    # predict the label on its own too, so a quickly-learnt modality (a clinical shortcut)
+    # cannot starve the image encoders of gradient ("modality competition").
+    aux = None
+    if recipe.aux_loss > 0 and len(net.modalities) > 1:
+        aux = torch.nn.ModuleList(
+            [torch.nn.Linear(net.config.embed_dim, n_classes) for _ in net.modalities])
+    params = list(net.parameters()) + ([] if aux is None else list(aux.parameters()))
+    opt = torch.optim.AdamW(params, lr=recipe.learning_rate,
                             weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / recipe.batch_size))
     total_steps = steps_per_epoch * recipe.epochs
@@ -165,7 +173,16 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
             if recipe.augment != "none":
                 images = _augment(images, gen, recipe.augment)
             out = net(images, clin, present)
-            loss = torch.nn.functional.cross_entropy(out.logits, y_all[idx], weight=weight)
+            y = y_all[idx]
+            loss = torch.nn.functional.cross_entropy(out.logits, y, weight=weight)
+            if aux is not None:
+                # Modalities absent or dropped for a sample have an all-zero embedding.
+                used = out.embeddings.abs().sum(dim=-1) > 0
+                terms = [torch.nn.functional.cross_entropy(head(out.embeddings[used[:, j], j]),
+                                                           y[used[:, j]], weight=weight)
+                         for j, head in enumerate(aux) if bool(used[:, j].any())]
+                if terms:
+                    loss = loss + recipe.aux_loss * torch.stack(terms).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
