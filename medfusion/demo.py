@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from medfusion.atomic import write_text
 from medfusion.errors import NoImagesError, OutputError
 from medfusion.io.inspect import inspect_path, render_inspection
 
@@ -39,9 +40,7 @@ def run_demo(out: Path, *, console: Console | None = None) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         target = out / "inspection.json"
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(target)  # atomic: never a half-written file
+        write_text(target, json.dumps(report, indent=2) + "\n")
     except OSError as exc:
         raise OutputError(
             f"cannot write to the output folder ({type(exc).__name__}); choose a writable "

@@ -9,14 +9,13 @@ source image when given. Files are written atomically (temporary file, then rena
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from medfusion.atomic import atomic_path
 from medfusion.errors import ExplanationError, OutputError, UnsafePathError
 from medfusion.types import Explanation, Volume
 
@@ -48,18 +47,6 @@ def _safe_component(name: str, what: str) -> str:
     return name
 
 
-def _atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_nifti(volume: Volume, path: Path) -> None:
     import nibabel as nib
 
@@ -71,13 +58,8 @@ def _write_nifti(volume: Volume, path: Path) -> None:
     image.header["aux_file"] = b""
     image.header["db_name"] = b""
 
-    def write(tmp: str) -> None:
-        # nibabel picks the format from the suffix: keep .nii.gz on the temporary name
-        real = tmp + ".nii.gz"
-        nib.save(image, real)
-        os.replace(real, tmp)
-
-    _atomic(path, write)
+    with atomic_path(path) as tmp:  # keeps the .nii.gz suffix nibabel picks the format from
+        nib.save(image, tmp)
 
 
 def _axial_axis(affine: np.ndarray) -> int:
@@ -127,11 +109,9 @@ def _write_png(saliency: Volume, background: Volume | None, path: Path, role: st
         ax.axis("off")
     fig.tight_layout()
 
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
-
     try:
-        _atomic(path, write)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
     finally:
         plt.close(fig)
 

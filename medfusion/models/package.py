@@ -18,13 +18,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medfusion.atomic import write_bytes
 from medfusion.errors import ModelPackageError, UntrustedCheckpointError
 
 CARD_NAME = "model.json"
@@ -65,20 +65,6 @@ def _jsonable(value: Any, where: str = "card") -> Any:
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_package(
     directory: str | os.PathLike[str], *, card: dict, tensors: dict[str, torch.Tensor]
 ) -> Path:
@@ -107,8 +93,8 @@ def save_package(
     body["medfusion_version"] = _version()
     text = json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, data)
-    _atomic_write(out / CARD_NAME, text.encode("utf-8"))
+    write_bytes(out / WEIGHTS_NAME, data)
+    write_bytes(out / CARD_NAME, text.encode("utf-8"))
     return out
 
 

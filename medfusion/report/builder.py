@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medfusion.atomic import write_bytes
 from medfusion.errors import OutputError, ReportInputError
 from medfusion.io.keys import pseudonym
 from medfusion.report import inputs as I
@@ -112,15 +113,9 @@ def _sanitise(value: Any, depth: int = 0) -> Any:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_bytes(path, data)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise OutputError(
             f"could not write {path.name} ({error.strerror}); choose a writable --out",
             code="OUTPUT_UNWRITABLE",

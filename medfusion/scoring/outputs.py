@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfusion.atomic import atomic_open, write_text
 from medfusion.errors import OutputError, UnsafePathError
 from medfusion.io.keys import pseudonym
 
@@ -86,31 +87,6 @@ def path_under(base: str | os.PathLike[str], *parts: str) -> Path:
     if os.path.commonpath([target, base_real]) != base_real or target == base_real:
         raise UnsafePathError("refused to write outside the output folder")
     return Path(target)
-
-
-def _fsync_dir(path: str | os.PathLike[str]) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` so that readers see either the old file or the whole new one."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
 
 
 def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
@@ -287,18 +263,13 @@ def atomic_write_rows(
     path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, str]]
 ) -> int:
     """Stream rows into ``path`` atomically (temp file, fsync, rename); returns the count."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     n = 0
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c, "") for c in columns})
             n += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
     return n
 
 
@@ -312,4 +283,4 @@ def rebuild_tables(out: Path, journal: Journal, columns: Sequence[str]) -> tuple
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
