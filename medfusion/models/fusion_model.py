@@ -25,8 +25,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfusion.atomic import atomic_open
+from medfusion.device import module_device
 from medfusion.errors import (
     ClinicalSchemaError,
     MedfusionError,
@@ -57,22 +57,23 @@ def run_net(net: torch.nn.Module, images: Mapping[str, np.ndarray], clinical: np
     embeddings (N,M,E)) as numpy. The network's train/eval mode is restored afterwards."""
     was_training = net.training
     net.eval()
+    device = module_device(net)  # the trainer validates on the GPU when there is one
     logits, weights, embeddings = [], [], []
     n = int(present.shape[0])
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 sl = slice(start, start + batch_size)
-                imgs = {r: torch.from_numpy(np.ascontiguousarray(a[sl])) for r, a in
-                        images.items()}
+                imgs = {r: torch.from_numpy(np.ascontiguousarray(a[sl])).to(device)
+                        for r, a in images.items()}
                 clin = None if clinical is None else torch.from_numpy(
-                    np.ascontiguousarray(clinical[sl]))
-                pres = torch.from_numpy(np.ascontiguousarray(present[sl]))
+                    np.ascontiguousarray(clinical[sl])).to(device)
+                pres = torch.from_numpy(np.ascontiguousarray(present[sl])).to(device)
                 out = net.head(net.encode(imgs, clin, pres), pres)
-                logits.append(out.logits.float().numpy())
-                embeddings.append(out.embeddings.float().numpy())
+                logits.append(out.logits.float().cpu().numpy())
+                embeddings.append(out.embeddings.float().cpu().numpy())
                 if out.weights is not None:
-                    weights.append(out.weights.float().numpy())
+                    weights.append(out.weights.float().cpu().numpy())
     finally:
         net.train(was_training)
     return (np.concatenate(logits), np.concatenate(weights) if weights else None,
@@ -461,7 +462,10 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
     """Score every row of ``manifest`` with the model in ``model_dir`` into ``out_csv``.
 
     Columns: ``study_id, predicted, prob_<label>... , weight_<modality>...`` (weights when the
-    fusion head has them), ``error`` (a stable error code for a row that could not be
+    fusion head has them), ``raw_prob_<label>...`` (before temperature scaling),
+    ``entropy``, ``mutual_info``, ``prediction_set`` (labels joined by ``|``), ``abstain``
+    (``true`` when the set is not one class), ``shapley_<modality>...``, and
+    ``error`` (a stable error code for a row that could not be
     scored, its other cells empty). The manifest needs ``study_id`` and may omit ``label``,
     role columns (modality missing) and clinical columns (values missing). The file is
     written atomically.
@@ -479,7 +483,9 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
     header = ["study_id", "predicted", *[f"prob_{lab}" for lab in model.labels]]
     if has_weights:
         header += [f"weight_{m}" for m in model.modalities]
-    header.append("error")
+    header += [*[f"raw_prob_{lab}" for lab in model.labels], "entropy", "mutual_info",
+               "prediction_set", "abstain", *[f"shapley_{m}" for m in model.modalities],
+               "error"]
     lines: list[list[str]] = []
     writer_fn = None
     if explain and saliency_dir is not None:
@@ -502,7 +508,12 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
         if has_weights:
             w = pred.modality_weights or {}
             cells += [_format(w.get(m, 0.0)) for m in model.modalities]
-        cells.append("")
+        shapley = pred.shapley or {}
+        cells += [*[_format(pred.raw_probabilities[lab]) for lab in model.labels],
+                  _format(pred.entropy), _format(pred.mutual_info),
+                  "" if pred.prediction_set is None else "|".join(pred.prediction_set),
+                  "" if pred.abstain is None else str(pred.abstain).lower(),
+                  *[_format(shapley.get(m)) for m in model.modalities], ""]
         lines.append(cells)
         if writer_fn is not None and pred.explanation is not None:
             try:
@@ -512,12 +523,10 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
                 log.warning("manifest line %d: saliency not written (%s)", row.line, exc.code)
     try:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_csv.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+        with atomic_open(out_csv, "w", newline="") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(header)
             writer.writerows(lines)
-        os.replace(tmp, out_csv)
     except OSError as exc:
         raise OutputError(f"could not write the predictions CSV ({type(exc).__name__}); "
                           "check the output folder exists and is writable.") from None

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfusion.device import select_device
 from medfusion.errors import ManifestError, OutputError
 from medfusion.training.dataset import PreparedCache, PreparedDataset, build_dataset
 from medfusion.training.manifest import assign_splits, read_manifest
@@ -91,11 +92,12 @@ def summary_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 
 # --- batches -----------------------------------------------------------------------------
-def _batch(data: PreparedDataset, clinical: np.ndarray | None, idx: np.ndarray
+def _batch(data: PreparedDataset, clinical: np.ndarray | None, idx: np.ndarray,
+           device: torch.device
            ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
-    images = {r: torch.from_numpy(a[idx]) for r, a in data.images.items()}
-    clin = None if clinical is None else torch.from_numpy(clinical[idx])
-    return images, clin, torch.from_numpy(data.present[idx])
+    images = {r: torch.from_numpy(a[idx]).to(device) for r, a in data.images.items()}
+    clin = None if clinical is None else torch.from_numpy(clinical[idx]).to(device)
+    return images, clin, torch.from_numpy(data.present[idx]).to(device)
 
 
 def _augment(images: dict[str, torch.Tensor], gen: torch.Generator, mode: str
@@ -110,7 +112,7 @@ def _augment(images: dict[str, torch.Tensor], gen: torch.Generator, mode: str
                 continue
             flip = torch.rand(x.shape[0], generator=gen) < 0.5
             if bool(flip.any()):
-                x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(dim), x)
+                x = torch.where(flip.view(-1, 1, 1, 1, 1).to(x.device), x.flip(dim), x)
         if mode == "flip_permute" and x.shape[2] == x.shape[3] == x.shape[4]:
             perm = torch.randperm(3, generator=gen).tolist()
             x = x.permute(0, 1, *[p + 2 for p in perm]).contiguous()
@@ -128,14 +130,18 @@ def _class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
 def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray | None,
                 recipe: Recipe, *, seed: int, member: int, log_handle: Any,
                 progress: Any, task: Any, deadline: float | None) -> dict[str, Any]:
-    """Train one network in place; returns its history summary (best epoch, val AUROC)."""
+    """Train one network in place (on the GPU when there is one, see medfusion.device);
+    returns its history summary (best epoch, val AUROC). The network ends on the CPU."""
     from medfusion.models.fusion_model import run_net
 
+    device = select_device()
+    net.to(device)
     train_idx = data.indices("train")
     val_idx = data.indices("val")
     y_all = torch.from_numpy(data.labels)
     n_classes = len(recipe.labels)
-    weight = _class_weights(data.labels[train_idx], n_classes) if recipe.class_weighting else None
+    weight = (_class_weights(data.labels[train_idx], n_classes).to(device)
+              if recipe.class_weighting else None)
     gen = torch.Generator().manual_seed(seed)
     # Auxiliary per-modality heads (training only, not saved): each modality's embedding must
     # predict the label on its own too, so a quickly-learnt modality (a clinical shortcut)
@@ -143,7 +149,8 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
     aux = None
     if recipe.aux_loss > 0 and len(net.modalities) > 1:
         aux = torch.nn.ModuleList(
-            [torch.nn.Linear(net.config.embed_dim, n_classes) for _ in net.modalities])
+            [torch.nn.Linear(net.config.embed_dim, n_classes) for _ in net.modalities]
+        ).to(device)
     params = list(net.parameters()) + ([] if aux is None else list(aux.parameters()))
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate,
                             weight_decay=recipe.weight_decay)
@@ -169,11 +176,11 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
             idx = np.sort(order[start:start + recipe.batch_size])
             if len(idx) < 2 and len(order) > 1:
                 continue  # a lone last sample would make BatchNorm statistics degenerate
-            images, clin, present = _batch(data, clinical, idx)
+            images, clin, present = _batch(data, clinical, idx, device)
             if recipe.augment != "none":
                 images = _augment(images, gen, recipe.augment)
             out = net(images, clin, present)
-            y = y_all[idx]
+            y = y_all[idx].to(device)
             loss = torch.nn.functional.cross_entropy(out.logits, y, weight=weight)
             if aux is not None:
                 # Modalities absent or dropped for a sample have an all-zero embedding.
@@ -233,6 +240,7 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
             break
     if best["state"] is not None:
         net.load_state_dict(best["state"])
+    net.to("cpu")  # calibration, the kernel SVM and the package work on CPU tensors
     net.eval()
     return {"best_epoch": best["epoch"], "val_auroc": best["val_auroc"]}
 
