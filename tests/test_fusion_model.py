@@ -172,12 +172,20 @@ def test_predict_manifest_rows(model_dir: Path, cohort: Path, tmp_path: Path) ->
     columns = list(rows[0])
     assert columns[:8] == ["study_id", "predicted", "prob_normal", "prob_abnormal",
                            "weight_ct", "weight_mr", "weight_xray", "weight_clinical"]
-    assert columns[-1] == "error"
+    assert columns[8:] == ["raw_prob_normal", "raw_prob_abnormal", "entropy", "mutual_info",
+                           "prediction_set", "abstain", "shapley_ct", "shapley_mr",
+                           "shapley_xray", "shapley_clinical", "error"]
     failed = [r for r in rows if r["error"]]
     assert len(failed) == 1 and failed[0]["predicted"] == ""  # the damaged study
     for r in rows:
         if not r["error"]:
             assert float(r["prob_normal"]) + float(r["prob_abnormal"]) == pytest.approx(1, 1e-5)
+            assert float(r["raw_prob_normal"]) + float(r["raw_prob_abnormal"]) == \
+                pytest.approx(1, 1e-5)
+            assert float(r["entropy"]) >= 0
+            labels = r["prediction_set"].split("|") if r["prediction_set"] else []
+            assert set(labels) <= {"normal", "abnormal"}
+            assert r["abstain"] == ("false" if len(labels) == 1 else "true")
 
 
 def test_kernel_fusion_round_trip(cohort: Path, tmp_path: Path) -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medfusion.atomic import atomic_open
 from medfusion.errors import MedfusionError
 from medfusion.training.manifest import ManifestRow
 from medfusion.training.recipe import Recipe
@@ -83,11 +82,9 @@ class PreparedCache:
         if self.directory is None:
             return
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
+            with atomic_open(self.directory / f"{key}.npy", "wb") as handle:
                 np.save(handle, np.ascontiguousarray(array, dtype=np.float32),
                         allow_pickle=False)
-            os.replace(tmp, self.directory / f"{key}.npy")
         except OSError:
             log.warning("could not write a prepared-input cache entry; continuing without it")
 
