@@ -14,6 +14,24 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def ensure_output_dir(path: str | os.PathLike[str], *, what: str = "output folder") -> Path:
+    """Create ``path`` (and parents) or raise ``OutputError`` (code ``OUTPUT_UNWRITABLE``)
+    with a fix-it message, before any work is done."""
+    from medfusion.errors import OutputError
+
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(
+            f"cannot create the {what} ({error.strerror}); choose a writable --out",
+            code="OUTPUT_UNWRITABLE",
+        ) from None
+    if not out.is_dir():
+        raise OutputError("--out exists and is not a folder", code="OUTPUT_UNWRITABLE")
+    return out
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Persist a rename in ``path`` (best effort: not every platform opens directories)."""
     try:

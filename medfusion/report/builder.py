@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.atomic import write_bytes
+from medfusion.atomic import ensure_output_dir, write_bytes
 from medfusion.errors import OutputError, ReportInputError
 from medfusion.io.keys import pseudonym
 from medfusion.report import inputs as I
@@ -123,17 +123,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _prepare_out(out: Path) -> Path:
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(
-            f"cannot create the report folder ({error.strerror}); choose a writable --out",
-            code="OUTPUT_UNWRITABLE",
-        ) from None
-    if not out.is_dir():
-        raise OutputError("--out exists and is not a folder", code="OUTPUT_UNWRITABLE")
-    return out
+    return ensure_output_dir(out, what="report folder")
 
 
 _NEGATIVE_NAMES = {"normal", "negative", "neg", "benign", "healthy", "control", "absent", "no",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfusion.atomic import atomic_open, write_text
+from medfusion.atomic import atomic_open, ensure_output_dir, write_text
 from medfusion.errors import OutputError, UnsafePathError
 from medfusion.io.keys import pseudonym
 
@@ -101,16 +101,7 @@ def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
 def prepare_output_dir(out_dir: str | os.PathLike[str], *, resume: bool) -> Path:
     """Create/validate OUT before any scoring (E3): writable, with free space, and empty
     unless resuming. Raises :class:`OutputError` (exit 1) otherwise."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(
-            f"cannot create the output folder ({error.strerror}); choose a writable --out",
-            code="OUTPUT_UNWRITABLE",
-        ) from None
-    if not out.is_dir():
-        raise OutputError("--out exists and is not a folder", code="OUTPUT_UNWRITABLE")
+    out = ensure_output_dir(out_dir)
     existing = [p.name for p in out.iterdir()]
     if existing and not resume:
         raise OutputError(
