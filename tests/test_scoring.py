@@ -269,6 +269,30 @@ def test_identifiers_in_headers_and_names_never_reach_outputs(
     assert_no_sentinel(all_output_text(out))
 
 
+def test_study_folder_named_after_the_patient_is_scored_under_its_pseudonym(
+    cohort, model_dir: Path, tmp_path: Path  # noqa: ANN001
+) -> None:
+    # G2: the folder name holds the PatientName of the headers inside it: study_id (rows,
+    # saliency folder, journal) becomes the pseudonymous key; the clinical row is still
+    # found under the folder name.
+    root = copy_studies(cohort, tmp_path / "studies")
+    phi_name = "ZZTEST_SENTINEL_study-002"
+    (root / "study-002").rename(root / phi_name)
+    lines = cohort.clinical.read_text().replace("study-002,", f"{phi_name},")
+    clinical = tmp_path / "clinical.csv"
+    clinical.write_text(lines)
+    out = tmp_path / "out"
+    summary = score_folder(root, model_dir, out, clinical_csv=clinical, workers=0,
+                           explain=True, progress=False)
+    assert summary.exit_code == 0
+    rows = {r["study_id"]: r for r in _rows(out / "scores.csv")}
+    key = pseudonym(phi_name, prefix="st-")
+    assert key in rows and "study-000" in rows  # ordinary names are kept as they are
+    assert "no_clinical_record" not in rows[key]["flags"]
+    assert rows[key]["saliency_ct"].startswith(f"saliency/{key}/")
+    assert_no_sentinel(all_output_text(out))
+
+
 def test_memory_budget_marks_the_study_and_the_batch_goes_on(
     cohort, model_dir: Path, tmp_path: Path  # noqa: ANN001
 ) -> None:

@@ -4,7 +4,11 @@ Rules (the contract of ``medfusion score``):
 
 * every immediate, non-hidden subfolder of the root is one study; its ``study_id`` is the
   folder name (the user chose it) and its ``key`` a pseudonym of that name, used wherever
-  an identifier could reach a log, a progress line or ``run.json``;
+  an identifier could reach a log, a progress line or ``run.json``; but when the folder
+  name contains one of the study's own patient identifiers (a token of PatientName,
+  PatientID, OtherPatientIDs, AccessionNumber or PatientBirthDate read from one DICOM
+  header), the folder name is PHI: the study's ``study_id`` becomes its pseudonymous key
+  (G2) and the name is used only to look up the clinical row;
 * loose DICOM files lying directly in the root are grouped by StudyInstanceUID (read from a
   header-only pass); such a study's ``study_id`` *is* its pseudonymous key, never the UID;
 * symbolic links that resolve outside the root are never followed (F5), wherever they are;
@@ -42,6 +46,12 @@ class StudyRef:
     root: str
     folder: str | None = None
     files: tuple[str, ...] = ()
+    source_name: str = ""  # the folder name, for the clinical CSV lookup only (may be PHI)
+
+    @property
+    def clinical_id(self) -> str:
+        """The ``study_id`` a clinical CSV row names this study by (the folder name)."""
+        return self.source_name or self.study_id
 
 
 @dataclass
@@ -156,6 +166,53 @@ def input_digest(files: list[str], base: str) -> str:
     return outer.hexdigest()
 
 
+_IDENTIFIER_TAGS = ["PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber",
+                    "PatientBirthDate"]
+_MAX_HEADER_PROBES = 20  # files tried per study before giving up (non-DICOM clutter)
+
+
+def _identifier_tokens(folder: str) -> set[str]:
+    """Case-folded tokens (3+ characters) of the patient identifiers in the first readable
+    DICOM header under ``folder`` (links are not followed; pixels never read)."""
+    import pydicom
+
+    tried = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not sniff_dicom(path):
+                continue
+            tried += 1
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=_IDENTIFIER_TAGS)
+            except Exception:  # an unreadable header: try the next file
+                if tried >= _MAX_HEADER_PROBES:
+                    return set()
+                continue
+            tokens: set[str] = set()
+            for tag in _IDENTIFIER_TAGS:
+                value = ds.get(tag)
+                if value is None:
+                    continue
+                values = value if isinstance(value, list | tuple | pydicom.multival.MultiValue) \
+                    else [value]
+                for item in values:
+                    text = str(item).casefold()
+                    for token in [text, *text.replace("^", " ").replace(",", " ").split()]:
+                        if len(token) >= 3:
+                            tokens.add(token)
+            return tokens
+    return set()
+
+
+def name_holds_identifiers(name: str, folder: str) -> bool:
+    """True when the folder ``name`` contains a patient identifier of the study inside it."""
+    folded = name.casefold()
+    return any(token in folded for token in _identifier_tokens(folder))
+
+
 def _study_uid(path: str) -> str | None:
     """StudyInstanceUID from a header-only read (no pixels, no ``force``)."""
     import pydicom
@@ -197,10 +254,11 @@ def discover_studies(root: str | os.PathLike[str], *, exclude: str | None = None
         if entry.is_dir():
             if excluded and os.path.realpath(path) == excluded:
                 continue
+            key = study_key(entry.name)
+            public_id = key if name_holds_identifiers(entry.name, path) else entry.name
             found.studies.append(
-                StudyRef(
-                    study_id=entry.name, key=study_key(entry.name), root=root_str, folder=path
-                )
+                StudyRef(study_id=public_id, key=key, root=root_str, folder=path,
+                         source_name=entry.name)
             )
         elif entry.is_file():
             uid = _study_uid(path) if sniff_dicom(path) else None

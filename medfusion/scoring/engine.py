@@ -434,6 +434,8 @@ def _run(
     except BaseException:
         preparer.close()
         raise
+    # Clinical rows are keyed by folder name; a study's public id may be its pseudonym.
+    with_clinical = {ref.study_id for ref in found.studies if ref.clinical_id in clinical}
     n_resumed = sum(1 for ref in found.studies if ref.study_id in journal.entries)
     todo = deque(ref for ref in found.studies if ref.study_id not in journal.entries)
     for ref in todo:  # saliency renamed into place by a killed run, before its journal line
@@ -506,7 +508,7 @@ def _run(
             # while this process computes; prepared studies waiting are bounded too.
             while todo and preparer.capacity() > 0 and len(ready) <= max_ready:
                 ref = todo.popleft()
-                preparer.submit((ref, clinical.get(ref.study_id), bool(explain)))
+                preparer.submit((ref, clinical.get(ref.clinical_id), bool(explain)))
             for record in preparer.poll(0.0 if ready else 0.2):
                 if record.get("ok"):
                     ready.append(record)
@@ -514,12 +516,12 @@ def _run(
                     finish(_failure_record(record))
             while todo and preparer.capacity() > 0 and len(ready) <= max_ready:
                 ref = todo.popleft()
-                preparer.submit((ref, clinical.get(ref.study_id), bool(explain)))
+                preparer.submit((ref, clinical.get(ref.clinical_id), bool(explain)))
             if ready:
                 record = ready.popleft()
                 finish(_predict_record(record, scorer, labels, modalities, out, explain, alpha,
                                        seed, clinical_csv is not None
-                                       and record["study_id"] not in clinical))
+                                       and record["study_id"] not in with_clinical))
             if time.monotonic() - last_snapshot > interval:
                 t_snap = time.monotonic()
                 snapshot("running")
