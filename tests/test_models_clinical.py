@@ -113,3 +113,16 @@ def test_bad_values_and_misuse_are_refused() -> None:
         ClinicalPreprocessor.from_dict(broken)
     with pytest.raises(ClinicalSchemaError):
         ClinicalPreprocessor.from_dict({"schema": SCHEMA})
+
+
+def test_restored_from_a_sorted_json_card_keeps_the_fitted_column_order() -> None:
+    # model.json is written with sort_keys=True: the schema mapping comes back reordered.
+    schema = {"weight": {"type": "numeric"}, "sex": {"type": "categorical"},
+              "age": {"type": "numeric"}}
+    rows = [{"weight": 70.0 + i, "sex": "FM"[i % 2], "age": 30.0 + 3 * i} for i in range(8)]
+    fitted = ClinicalPreprocessor(schema).fit(rows)
+    card = json.loads(json.dumps(fitted.to_dict(), sort_keys=True))
+    assert list(card["schema"]) == ["age", "sex", "weight"]
+    restored = ClinicalPreprocessor.from_dict(card)
+    assert restored.feature_names == fitted.feature_names
+    np.testing.assert_allclose(restored.transform(rows), fitted.transform(rows), atol=1e-6)

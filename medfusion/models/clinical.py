@@ -252,9 +252,18 @@ class ClinicalPreprocessor:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ClinicalPreprocessor:
-        """Restore a fitted preprocessor from :meth:`to_dict` output (numpy, no pickle)."""
+        """Restore a fitted preprocessor from :meth:`to_dict` output (numpy, no pickle).
+
+        The schema's column order is taken from the stored ``numeric`` / ``categorical``
+        lists, not from the mapping: a JSON card written with sorted keys reorders the
+        mapping, and the feature layout must stay the one the model was fitted with.
+        """
         try:
-            obj = cls(d["schema"])
+            schema = d["schema"]
+            order = [*d.get("numeric", []), *d.get("categorical", [])]
+            fitted = {k: schema[k] for k in order if k in schema}
+            fitted.update({k: v for k, v in schema.items() if k not in fitted})
+            obj = cls(fitted)
             params = {k: d[k] for k in ("numeric", "categorical", "impute", "indicator",
                                          "mean", "scale", "categories", "feature_names")}
         except (KeyError, TypeError) as error:

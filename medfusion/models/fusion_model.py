@@ -158,23 +158,6 @@ def _coerce_clinical(record: Mapping[str, Any] | None, schema: Mapping[str, Mapp
     return out
 
 
-def _fitted_order(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The preprocessor state with its schema in the column order it was fitted with.
-
-    model.json is written with sorted keys, which reorders the stored schema mapping; the
-    preprocessor derives its column lists from that order, so restore it from the stored
-    ``numeric`` / ``categorical`` lists (workaround kept here until models.clinical does it).
-    """
-    state = dict(state)
-    schema = state.get("schema")
-    if isinstance(schema, Mapping):
-        order = [*state.get("numeric", []), *state.get("categorical", [])]
-        restored = {k: schema[k] for k in order if k in schema}
-        restored.update({k: v for k, v in schema.items() if k not in restored})
-        state["schema"] = restored
-    return state
-
-
 # --- the model ---------------------------------------------------------------------------
 class FusionModel:
     """A loaded model package. Build with :meth:`load` (from a folder)."""
@@ -211,7 +194,7 @@ class FusionModel:
 
             self.clinical_schema = {k: dict(v) for k, v in clinical["schema"].items()}
             self.preprocessor = ClinicalPreprocessor.from_dict(
-                _fitted_order(clinical["preprocessor"]))
+                clinical["preprocessor"])
         self.nets: list[torch.nn.Module] = []
         self.kernels: list[Any] = []
         for entry in members:
