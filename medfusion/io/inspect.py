@@ -61,14 +61,6 @@ def _issues(findings: Sequence[Finding]) -> list[dict[str, Any]]:
     return [_jsonable(f.to_dict()) for f in findings]
 
 
-def _within(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-    except ValueError:
-        return False
-    return True
-
-
 def _first_study_key(files: Sequence[Path]) -> str | None:
     """The DICOM study key of the first readable image among a few files (header only)."""
     from medfusion.io.dicom import scan_dicom
@@ -100,7 +92,7 @@ def find_study_folders(root: str | Path) -> tuple[str, list[Path]]:
         return find_study_folders(subdirs[0])
     keys: set[str | None] = set()
     for sub in subdirs:
-        files = [p for p in images if _within(p, sub)]
+        files = [p for p in images if p.is_relative_to(sub)]
         if any(p in nifti for p in files):
             keys.add(None)  # a NIfTI folder is its own study
             keys.add(str(sub))

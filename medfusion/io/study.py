@@ -72,14 +72,6 @@ _NOT_IMAGE_SUFFIXES = {
 
 # --------------------------------------------------------------------------------------
 # discovery
-def _within(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-    except ValueError:
-        return False
-    return True
-
-
 def discover_study_files(
     folder: str | Path,
 ) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
@@ -110,7 +102,7 @@ def discover_study_files(
             path = Path(entry.path)
             if entry.is_symlink():
                 real = Path(os.path.realpath(path))
-                if not _within(real, real_root):
+                if not real.is_relative_to(real_root):
                     skipped.append((path, "LINK_OUTSIDE"))
                     continue
                 if real.is_dir():
