@@ -85,7 +85,13 @@ def test_package_holds_card_and_safetensors_only_ids_free(model_dir: Path) -> No
     text = (model_dir / "model.json").read_text() + (model_dir / "metrics.jsonl").read_text()
     assert "study-0" not in text and "patient-0" not in text  # no identifiers in the card
     log = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    assert log[0]["epoch"] == 1 and "val_auroc" in log[0]
+    # staged training: unimodal encoders first (a validation AUROC per modality), then the
+    # fusion head on their frozen embeddings (the fused validation AUROC)
+    assert log[0]["epoch"] == 1 and log[0]["stage"] == "unimodal"
+    assert {"val_auroc_ct", "val_auroc_mr", "val_auroc_clinical"} <= set(log[0])
+    head = [r for r in log if r.get("stage") == "fusion_head"]
+    assert head and "val_auroc" in head[0]
+    assert card["calibration"]["shift"]["n"] == card["calibration"]["n"]
 
 
 def test_round_trip_gives_identical_predictions(model_dir: Path, cohort: Path,
@@ -174,7 +180,8 @@ def test_predict_manifest_rows(model_dir: Path, cohort: Path, tmp_path: Path) ->
                            "weight_ct", "weight_mr", "weight_xray", "weight_clinical"]
     assert columns[8:] == ["raw_prob_normal", "raw_prob_abnormal", "entropy", "mutual_info",
                            "prediction_set", "abstain", "shapley_ct", "shapley_mr",
-                           "shapley_xray", "shapley_clinical", "error"]
+                           "shapley_xray", "shapley_clinical", "feature_shift",
+                           "shift_pvalue", "flags", "error"]
     failed = [r for r in rows if r["error"]]
     assert len(failed) == 1 and failed[0]["predicted"] == ""  # the damaged study
     for r in rows:

@@ -65,8 +65,10 @@ _TOP_KEYS = {
     "weights_dtype",
     "tta",
     "aux_loss",
+    "fusion_training",
 }
 AUGMENTS = ("none", "flip", "flip_permute")
+FUSION_TRAINING = ("staged", "joint")
 
 
 def registry_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -134,6 +136,7 @@ class Recipe:
     weights_dtype: str = "float32"
     tta: bool = False
     aux_loss: float = 0.5
+    fusion_training: str = "staged"
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -392,5 +395,7 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
                             ("float32", "float16")),
         tta=_bool(data.get("tta", False), "tta"),
         aux_loss=_float(data.get("aux_loss", 0.5), "aux_loss", 0.0, 10.0),
+        fusion_training=_name(data.get("fusion_training", "staged"), "fusion_training",
+                              FUSION_TRAINING),
         source=data,
     )
