@@ -172,6 +172,8 @@ class Prediction:
     flags: tuple[str, ...] = ()
     #: encoder feature-statistics shift (<= ~1 for training-like studies; docs/trust.md)
     feature_shift: float | None = None
+    #: conformal p-value of feature_shift against the validation studies (small = unusual)
+    shift_pvalue: float | None = None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from medfusion.errors import (
     OutputError,
 )
 from medfusion.types import Prediction, Study, Volume
+from medfusion.uncertainty.shift import FLAG_OOD
 
 log = logging.getLogger("medfusion.models")
 
@@ -221,6 +222,7 @@ class FusionModel:
         self.tta = bool(card.get("recipe", {}).get("tta", False))
         self.temperature = None
         self.conformal = None
+        self.shift_reference = None
         calibration = card.get("calibration")
         if calibration:
             from medfusion.uncertainty.calibration import TemperatureScaler
@@ -229,6 +231,10 @@ class FusionModel:
             self.temperature = TemperatureScaler.from_dict(calibration["temperature"])
             if calibration.get("conformal"):
                 self.conformal = ConformalPredictor.from_dict(calibration["conformal"])
+            if calibration.get("shift"):
+                from medfusion.uncertainty.shift import ShiftReference
+
+                self.shift_reference = ShiftReference.from_dict(calibration["shift"])
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -342,12 +348,17 @@ class FusionModel:
         """Uncalibrated probabilities (N, C): the mean over ensemble members."""
         return self.member_outputs(images, clinical, present)[0].mean(axis=0)
 
-    def calibrated(self, raw_probs: np.ndarray) -> np.ndarray:
-        """Temperature-scaled probabilities (identity when the package has no calibration)."""
+    def calibrated(self, raw_probs: np.ndarray, shifts: Sequence[float] | None = None
+                   ) -> np.ndarray:
+        """Temperature-scaled probabilities (identity when the package has no calibration);
+        given the studies' feature shifts, also distance-aware (see predict_prepared)."""
         if self.temperature is None:
             return np.asarray(raw_probs, dtype=np.float64)
         logits = np.log(np.clip(raw_probs, 1e-12, 1.0))
-        return np.asarray(self.temperature.transform(logits), dtype=np.float64)
+        probs = np.asarray(self.temperature.transform(logits), dtype=np.float64)
+        if shifts is not None and self.shift_reference is not None:
+            probs = self.shift_reference.adjust(probs, shifts)
+        return probs
 
     # -- prediction --------------------------------------------------------------------------
     def predict_prepared(self, batch: Sequence[PreparedInputs], *, explain: bool = False,
@@ -367,6 +378,11 @@ class FusionModel:
         from medfusion.uncertainty.trust import trust_outputs
 
         trust = trust_outputs(self, images, clinical, present, probs)
+        if self.shift_reference is not None and trust.feature_shift is not None:
+            # Distance-aware probabilities: unchanged within the validation range, pulled
+            # towards uniform beyond it (medfusion.uncertainty.shift); the class is kept.
+            probs = self.shift_reference.adjust(probs, trust.feature_shift)
+            uncertainty["entropy"] = self._uncertainty(probs, member_probs)["entropy"]
         if trust.mutual_info is not None:
             uncertainty["mutual_info"] = list(trust.mutual_info)
             uncertainty["prob_std"] = list(trust.prob_std or [])
@@ -380,6 +396,10 @@ class FusionModel:
                 mod_weights = {m: float(weights[i, j]) for j, m in enumerate(self.modalities)
                                if prep.present[j]}
             pset = None if sets is None else tuple(self.labels[k] for k in sets[i])
+            if pset is not None and trust.flags and FLAG_OOD in trust.flags[i]:
+                # Conformal sets assume a study exchangeable with the calibration studies;
+                # one beyond their feature-shift range has failed that test: no commitment.
+                pset = tuple(self.labels)
             explanation = self._explain(prep, top) if explain else None
             out.append(Prediction(
                 study_key=prep.study_key,
@@ -398,6 +418,7 @@ class FusionModel:
                 explanation=explanation,
                 flags=(*prep.flags, *(trust.flags[i] if trust.flags else ())),
                 feature_shift=None if trust.feature_shift is None else trust.feature_shift[i],
+                shift_pvalue=None if trust.shift_pvalue is None else trust.shift_pvalue[i],
             ))
         return out
 
@@ -447,7 +468,9 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
     Columns: ``study_id, predicted, prob_<label>... , weight_<modality>...`` (weights when the
     fusion head has them), ``raw_prob_<label>...`` (before temperature scaling),
     ``entropy``, ``mutual_info``, ``prediction_set`` (labels joined by ``|``), ``abstain``
-    (``true`` when the set is not one class), ``shapley_<modality>...``, and
+    (``true`` when the set is not one class), ``shapley_<modality>...``, ``feature_shift``
+    and ``shift_pvalue`` (docs/trust.md), ``flags`` (``|``-joined, e.g.
+    ``OUT_OF_DISTRIBUTION``), and
     ``error`` (a stable error code for a row that could not be
     scored, its other cells empty). The manifest needs ``study_id`` and may omit ``label``,
     role columns (modality missing) and clinical columns (values missing). The file is
@@ -468,7 +491,7 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
         header += [f"weight_{m}" for m in model.modalities]
     header += [*[f"raw_prob_{lab}" for lab in model.labels], "entropy", "mutual_info",
                "prediction_set", "abstain", *[f"shapley_{m}" for m in model.modalities],
-               "error"]
+               "feature_shift", "shift_pvalue", "flags", "error"]
     lines: list[list[str]] = []
     writer_fn = None
     if explain and saliency_dir is not None:
@@ -496,7 +519,9 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
                   _format(pred.entropy), _format(pred.mutual_info),
                   "" if pred.prediction_set is None else "|".join(pred.prediction_set),
                   "" if pred.abstain is None else str(pred.abstain).lower(),
-                  *[_format(shapley.get(m)) for m in model.modalities], ""]
+                  *[_format(shapley.get(m)) for m in model.modalities],
+                  _format(pred.feature_shift), _format(pred.shift_pvalue),
+                  "|".join(sorted(set(pred.flags))), ""]
         lines.append(cells)
         if writer_fn is not None and pred.explanation is not None:
             try:

@@ -172,6 +172,8 @@ def prediction_row(
         row[f"raw_prob_{label}"] = O.fmt_float(pred.raw_probabilities.get(label))
     row["entropy"] = O.fmt_float(pred.entropy)
     row["mutual_info"] = O.fmt_float(pred.mutual_info)
+    row["feature_shift"] = O.fmt_float(pred.feature_shift)
+    row["shift_pvalue"] = O.fmt_float(pred.shift_pvalue)
     if pred.prediction_set is None:
         row["prediction_set"] = ""
     else:  # in the model's label order, never in set-iteration order

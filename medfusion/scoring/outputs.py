@@ -65,7 +65,8 @@ def score_columns(
     cols = ["study_id", "status", "predicted"]
     cols += [f"prob_{label}" for label in labels]
     cols += [f"raw_prob_{label}" for label in labels]
-    cols += ["entropy", "mutual_info", "prediction_set", "abstain", "modalities_used"]
+    cols += ["entropy", "mutual_info", "feature_shift", "shift_pvalue", "prediction_set",
+             "abstain", "modalities_used"]
     cols += [f"weight_{m}" for m in (roles if modalities is None else modalities)]
     cols += ["flags"]
     if explain:

@@ -29,8 +29,9 @@ from medfusion.uncertainty.metrics import mutual_information
 from medfusion.uncertainty.shift import (
     FLAG_OOD,
     SHIFT_FLAG_THRESHOLD,
+    raw_shift,
     record_shift,
-    shift_of,
+    role_shifts_of,
 )
 
 #: MC-dropout head passes per study (head only: ~1 ms each for the default head)
@@ -48,6 +49,8 @@ class TrustOutputs:
     shapley: list[dict[str, float] | None]
     feature_shift: list[float] | None = None
     flags: list[tuple[str, ...]] | None = None
+    #: conformal p-values of ``feature_shift`` against validation (None without reference)
+    shift_pvalue: list[float] | None = None
 
 
 def shapley_target(n_classes: int, probs_row: np.ndarray) -> int:
@@ -89,7 +92,7 @@ def trust_outputs(
     priors = {t: base_rate(model, t) for t in set(targets)}
     per_member: list[list[dict[str, float]]] = []
     mc = np.zeros((n_samples, n, n_classes)) if use_mc else None
-    shifts: list[list[float]] = [[] for _ in range(n)]
+    shifts: list[list[dict[str, float]]] = [[] for _ in range(n)]
     for net in nets:
         was_training = net.training
         member_phi: list[dict[str, float]] = []
@@ -101,9 +104,9 @@ def trust_outputs(
                 clin = None if clinical is None else torch.from_numpy(
                     np.ascontiguousarray(clinical[i:i + 1], dtype=np.float32))
                 pres = torch.from_numpy(np.ascontiguousarray(present[i:i + 1], dtype=bool))
-                with record_shift(list(net.encoders.values())) as rec, torch.no_grad():
+                with record_shift(net.encoders) as rec, torch.no_grad():
                     emb = net.encode(imgs, clin, pres)
-                shifts[i].append(shift_of(rec))
+                shifts[i].append(role_shifts_of(rec))
                 if shapley:
                     member_phi.append(modality_shapley(
                         net, emb, pres, targets[i], temperature=temperature,
@@ -122,10 +125,19 @@ def trust_outputs(
         for i in range(n):
             keys = sorted(per_member[0][i])
             phi[i] = {k: float(np.mean([m[i][k] for m in per_member])) for k in keys}
-    shift = [float(np.mean(v)) for v in shifts]
-    flags = [(FLAG_OOD,) if v > SHIFT_FLAG_THRESHOLD else () for v in shift]
+    # per role, the mean over ensemble members; then normalised by the validation reference
+    per_role = [{r: float(np.mean([m[r] for m in v])) for r in v[0]} for v in shifts]
+    reference = getattr(model, "shift_reference", None)
+    shift = [reference.score(r) if reference is not None else raw_shift(r) for r in per_role]
+    pvalues = None
+    if reference is not None:
+        flagged = reference.flagged(shift)
+        pvalues = [float(v) for v in reference.pvalues(shift)]
+    else:  # a package trained before validation-fitted references
+        flagged = np.asarray(shift) > SHIFT_FLAG_THRESHOLD
+    flags = [(FLAG_OOD,) if bool(f) else () for f in flagged]
     if mc is None:
-        return TrustOutputs(None, None, None, phi, shift, flags)
+        return TrustOutputs(None, None, None, phi, shift, flags, pvalues)
     mean = mc.mean(axis=0)
     top = mean.argmax(axis=1)
     std = mc.std(axis=0)[np.arange(n), top]
@@ -136,4 +148,5 @@ def trust_outputs(
         shapley=phi,
         feature_shift=shift,
         flags=flags,
+        shift_pvalue=pvalues,
     )
