@@ -35,7 +35,8 @@ from medfusion.testing import dicom_factory
 
 HEADER = (
     "study_id,status,predicted,prob_normal,prob_abnormal,raw_prob_normal,raw_prob_abnormal,"
-    "entropy,mutual_info,prediction_set,abstain,modalities_used,weight_ct,weight_mr,"
+    "entropy,mutual_info,feature_shift,shift_pvalue,prediction_set,abstain,modalities_used,"
+    "weight_ct,weight_mr,"
     "weight_clinical,flags"
 )
 
