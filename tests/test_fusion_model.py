@@ -205,6 +205,15 @@ def test_kernel_fusion_round_trip(cohort: Path, tmp_path: Path) -> None:
     b = FusionModel.load(path).predict(study)
     assert a.probabilities == b.probabilities
     assert a.modality_weights is None
+    # Shapley values explain the SVM the model predicts with (not the network head): they
+    # add up to its calibrated p(positive) minus the training base rate
+    from medfusion.explain.api import base_rate
+
+    model = FusionModel.load(path)
+    raw = np.array([[a.raw_probabilities[lab] for lab in model.labels]])
+    p_pos = model.calibrated(raw)[0, 1]
+    assert set(a.shapley) == {"ct", "clinical"}
+    assert sum(a.shapley.values()) == pytest.approx(p_pos - base_rate(model, 1), abs=1e-6)
 
 
 def test_half_precision_package_with_tta(cohort: Path, tmp_path: Path) -> None:
@@ -225,3 +234,32 @@ def test_half_precision_package_with_tta(cohort: Path, tmp_path: Path) -> None:
     nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))))
     # Training measured the rounded weights, with the same test-time flips.
     assert nll == pytest.approx(card["metrics"]["test"]["nll"], abs=1e-6)
+
+
+def test_kernel_clinical_attributions_explain_the_svm(cohort: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    recipe = {**RECIPE, "fusion": "kernel", "modalities": {"ct": {"grid": [16, 16, 16]}}}
+    path = train(recipe, cohort / "manifest.csv", tmp_path / "k", seed=1, progress=False)
+    model = FusionModel.load(path)
+    study = _study(cohort, _complete_study_id(cohort))
+    prepared = model.prepare(study, keep_sources=True)
+    pred = model.predict_prepared([prepared], explain=True)[0]
+    attributions = pred.explanation.clinical_attributions
+    assert set(attributions) == {"age", "sex", "crp"}
+    # Shapley value sampling is exact in total: the values add up to the SVM's calibrated
+    # p(target) with the record minus with the all-zero (training-mean) feature baseline
+    baseline = dataclasses.replace(prepared, clinical=np.zeros_like(prepared.clinical))
+
+    def p_target(prep) -> float:  # noqa: ANN001
+        raw = model.raw_probabilities_arrays(*fm_stack(prep))
+        return float(model.calibrated(raw)[0, model.labels.index(pred.predicted)])
+
+    assert sum(attributions.values()) == pytest.approx(
+        p_target(prepared) - p_target(baseline), abs=1e-6)
+
+
+def fm_stack(prepared):  # noqa: ANN001, ANN201
+    from medfusion.models.fusion_model import stack_prepared
+
+    return stack_prepared([prepared], ("ct",))

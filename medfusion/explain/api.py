@@ -96,7 +96,9 @@ def explain_prediction(
     clinical_runs: list[dict[str, float]] = []
     weight_runs: list[Mapping[str, float]] = []
     preproc = getattr(model, "preprocessor", None)
-    for net in nets:
+    kernels = list(getattr(model, "kernels", None) or [])
+    for member, net in enumerate(nets):
+        kernel = kernels[member] if kernels else None  # fusion: kernel predicts with an SVM
         images, clin, present = _inputs(prepared, net)
         was_training = net.training
         net.eval()
@@ -108,14 +110,15 @@ def explain_prediction(
             if w is not None:
                 weight_runs.append(w)
             shapley_runs.append(modality_shapley(
-                net, embeddings, present, target, temperature=temperature, base_rate=prior))
+                net, embeddings, present, target, temperature=temperature, base_rate=prior,
+                kernel=kernel))
             if (clinical and preproc is not None and clin is not None
                     and CLINICAL in modalities and present_flags[modalities.index(CLINICAL)]):
                 clinical_runs.append(clinical_attributions(
                     net, embeddings, present, clin, target, list(preproc.feature_names),
                     variables=[*getattr(preproc, "numeric", []),
                                *getattr(preproc, "categorical", [])] or None,
-                    temperature=temperature))
+                    temperature=temperature, kernel=kernel))
             for role in net.config.roles:
                 if present_flags[modalities.index(role)] and role in prepared.sources:
                     cams.setdefault(role, []).append(

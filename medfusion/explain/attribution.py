@@ -47,11 +47,15 @@ def modality_shapley(
     *,
     temperature: float = 1.0,
     base_rate: float | None = None,
+    kernel: object | None = None,
 ) -> dict[str, float]:
     """Exact Shapley value of every present modality of ONE study (batch of 1).
 
     ``embeddings`` (1, M, E) from ``net.encode``; ``present`` (1, M) bool. Returns
     ``{modality: phi}`` for the present modalities (absent ones are not players).
+    ``kernel``: for ``fusion: kernel`` models, the fitted
+    :class:`~medfusion.models.kernel.KernelFusionClassifier` whose probabilities (not the
+    network head's) the model predicts with; the subsets then go through its kernels.
     """
     modalities = list(net.modalities)
     present = torch.as_tensor(present).to(torch.bool)
@@ -81,9 +85,16 @@ def modality_shapley(
     try:
         net.eval()
         with torch.no_grad():
-            probs = _eval_head_probs(
-                net, embeddings.expand(len(subsets), -1, -1), masks, temperature
-            )[:, int(target)]
+            if kernel is None:
+                probs = _eval_head_probs(
+                    net, embeddings.expand(len(subsets), -1, -1), masks, temperature
+                )[:, int(target)]
+            else:
+                emb = embeddings.expand(len(subsets), -1, -1).double().numpy()
+                emb = emb * masks.numpy()[:, :, None]  # absent = zero, as net.encode does
+                raw = np.asarray(kernel.predict_proba(emb, masks.numpy()), dtype=np.float64)
+                logits = torch.from_numpy(np.log(np.clip(raw, 1e-12, 1.0)))
+                probs = torch.softmax(logits / float(temperature), dim=-1)[:, int(target)]
     finally:
         net.train(was_training)
     value = {frozenset(s): float(p) for s, p in zip(subsets, probs.tolist(), strict=True)}
@@ -128,6 +139,7 @@ def clinical_attributions(
     temperature: float = 1.0,
     baseline: torch.Tensor | None = None,
     n_steps: int = 32,
+    kernel: object | None = None,
 ) -> dict[str, float]:
     """Integrated gradients per original clinical variable for a batch of ONE study.
 
@@ -135,8 +147,13 @@ def clinical_attributions(
     (1, F) preprocessed features named by ``feature_names``; ``variables`` the original
     variable names (default: derived from the feature names). Completeness holds:
     the attributions sum to ``p(clinical) - p(baseline)`` up to the integration error.
+
+    With ``kernel`` (a ``fusion: kernel`` model's SVM, which has no gradients) the
+    attributions are captum's Shapley value sampling over the variables instead (each
+    variable's features switched between baseline and value together; the values add up
+    to ``p(clinical) - p(baseline)`` exactly), of the SVM's calibrated probability.
     """
-    from captum.attr import IntegratedGradients
+    from captum.attr import IntegratedGradients, ShapleyValueSampling
 
     modalities = list(net.modalities)
     if CLINICAL not in modalities:
@@ -160,14 +177,32 @@ def clinical_attributions(
         emb_clin = net.encode({}, features, clinical_only.expand(k, -1))[:, c]
         emb = fixed.expand(k, -1, -1).clone()
         emb[:, c] = emb_clin
+        if kernel is not None:
+            raw = np.asarray(kernel.predict_proba(emb.detach().double().numpy(),
+                                                  present.expand(k, -1).numpy()))
+            logits = torch.from_numpy(np.log(np.clip(raw, 1e-12, 1.0)))
+            return torch.softmax(logits / float(temperature), dim=-1)[:, int(target)]
         return _eval_head_probs(net, emb, present.expand(k, -1), temperature)[:, int(target)]
 
     base = torch.zeros_like(clinical) if baseline is None else torch.as_tensor(
         baseline, dtype=clinical.dtype
     ).reshape(clinical.shape)
+    names = list(variables) if variables is not None else sorted(
+        {f.split("=", 1)[0] for f in feature_names}
+    )
+    groups = [variable_of(f, names) for f in feature_names]
     was_training = net.training
     try:
         net.eval()
+        if kernel is not None:
+            order = sorted(set(groups))
+            mask = torch.tensor([[order.index(g) for g in groups]])
+            with torch.no_grad():
+                attr = ShapleyValueSampling(forward).attribute(
+                    clinical.detach().clone(), baselines=base, feature_mask=mask,
+                    n_samples=max(1, int(n_steps)))
+            # every feature of a variable carries the variable's value: take it once
+            return {g: float(attr[0, groups.index(g)]) for g in order}
         with torch.enable_grad():
             attr = IntegratedGradients(forward).attribute(
                 clinical.detach().clone(), baselines=base, n_steps=int(n_steps),
@@ -175,12 +210,8 @@ def clinical_attributions(
             )
     finally:
         net.train(was_training)
-    names = list(variables) if variables is not None else sorted(
-        {f.split("=", 1)[0] for f in feature_names}
-    )
     out: dict[str, float] = {}
-    for feature, value in zip(feature_names, attr[0].tolist(), strict=True):
-        var = variable_of(feature, names)
+    for var, value in zip(groups, attr[0].tolist(), strict=True):
         out[var] = out.get(var, 0.0) + float(value)
     return out
 

@@ -93,7 +93,9 @@ def trust_outputs(
     per_member: list[list[dict[str, float]]] = []
     mc = np.zeros((n_samples, n, n_classes)) if use_mc else None
     shifts: list[list[dict[str, float]]] = [[] for _ in range(n)]
-    for net in nets:
+    kernels = list(getattr(model, "kernels", None) or [])
+    for member, net in enumerate(nets):
+        kernel = kernels[member] if kernels else None
         was_training = net.training
         member_phi: list[dict[str, float]] = []
         try:
@@ -110,7 +112,7 @@ def trust_outputs(
                 if shapley:
                     member_phi.append(modality_shapley(
                         net, emb, pres, targets[i], temperature=temperature,
-                        base_rate=priors[targets[i]]))
+                        base_rate=priors[targets[i]], kernel=kernel))
                 if mc is not None:
                     with torch.random.fork_rng(devices=[]), torch.no_grad(), dropout_only(net):
                         torch.manual_seed(int(seed))
