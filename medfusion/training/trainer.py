@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,23 @@ def _batch(data: PreparedDataset, clinical: np.ndarray | None, idx: np.ndarray,
     images = {r: torch.from_numpy(a[idx]).to(device) for r, a in data.images.items()}
     clin = None if clinical is None else torch.from_numpy(clinical[idx]).to(device)
     return images, clin, torch.from_numpy(data.present[idx]).to(device)
+
+
+def _epoch_batches(data: PreparedDataset, clinical: np.ndarray | None, train_idx: np.ndarray,
+                   recipe: Recipe, gen: torch.Generator, device: torch.device
+                   ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], torch.Tensor | None,
+                                       torch.Tensor]]:
+    """One epoch of shuffled, augmented training batches: (indices, images, clinical,
+    present). The shuffle and the augmentation draw from ``gen`` (deterministic)."""
+    order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+    for start in range(0, len(order), recipe.batch_size):
+        idx = np.sort(order[start:start + recipe.batch_size])
+        if len(idx) < 2 and len(order) > 1:
+            continue  # a lone last sample would make BatchNorm statistics degenerate
+        images, clin, present = _batch(data, clinical, idx, device)
+        if recipe.augment != "none":
+            images = _augment(images, gen, recipe.augment)
+        yield idx, images, clin, present
 
 
 def _augment(images: dict[str, torch.Tensor], gen: torch.Generator, mode: str
@@ -226,15 +243,9 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
         t0 = time.perf_counter()
         net.train()
         heads.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         losses = []
-        for start in range(0, len(order), recipe.batch_size):
-            idx = np.sort(order[start:start + recipe.batch_size])
-            if len(idx) < 2 and len(order) > 1:
-                continue  # a lone last sample would make BatchNorm statistics degenerate
-            images, clin, present = _batch(data, clinical, idx, device)
-            if recipe.augment != "none":
-                images = _augment(images, gen, recipe.augment)
+        for idx, images, clin, present in _epoch_batches(data, clinical, train_idx, recipe,
+                                                         gen, device):
             emb = net.encode(images, clin, present)
             y = y_all[idx].to(device)
             # A sum, not a mean: each term reaches one encoder only, so every encoder gets
@@ -399,15 +410,9 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
     for epoch in range(recipe.epochs):
         t0 = time.perf_counter()
         net.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         losses = []
-        for start in range(0, len(order), recipe.batch_size):
-            idx = np.sort(order[start:start + recipe.batch_size])
-            if len(idx) < 2 and len(order) > 1:
-                continue  # a lone last sample would make BatchNorm statistics degenerate
-            images, clin, present = _batch(data, clinical, idx, device)
-            if recipe.augment != "none":
-                images = _augment(images, gen, recipe.augment)
+        for idx, images, clin, present in _epoch_batches(data, clinical, train_idx, recipe,
+                                                         gen, device):
             out = net(images, clin, present)
             y = y_all[idx].to(device)
             loss = torch.nn.functional.cross_entropy(out.logits, y, weight=weight)
