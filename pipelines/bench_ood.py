@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nOOD benchmark: {source}; {len(rows)} held-out test studies; "
           f"{time.perf_counter() - t0:.0f} s")
     print(f"{'condition':<10}{'n':>5}{'entropy':>9}{'MI':>8}{'set':>6}{'abstain':>9}"
-          f"{'shift':>9}{'p-value':>9}{'flagged':>9}")
+          f"{'shift':>10}{'p-value':>9}{'flagged':>9}")
     for kind, acc in table.items():
         print(f"{kind:<10}{len(acc['entropy']):>5}{np.mean(acc['entropy']):>9.3f}"
               f"{np.nanmean(acc['mutual_info']) if not np.all(np.isnan(acc['mutual_info'])) else float('nan'):>8.3f}"  # noqa: E501
               f"{np.mean(acc['set_size']):>6.2f}{np.mean(acc['abstain']):>9.2f}"
-              f"{np.median(acc['feature_shift']):>9.3f}"
+              f"{np.median(acc['feature_shift']):>10.4g}"
               f"{np.nanmedian(acc['pvalue']) if not np.all(np.isnan(acc['pvalue'])) else float('nan'):>9.3f}"  # noqa: E501
               f"{np.mean(acc['flagged']):>9.2f}")
     print("\nAUROC of telling each OOD condition from held-out (0.5 = no signal):")
