@@ -27,8 +27,8 @@ because the raw scale depends on the data and the role:
 * ``OUT_OF_DISTRIBUTION`` when ``s > FLAG_MARGIN * threshold`` (twice): a few dozen
   validation studies pin their own tail down poorly (measured on a synthetic CT + MR
   model: 3 of 28 held-out studies lay 0.1-16% above the largest of 32 validation scores,
-  while noise and swapped modalities lay 50-200 times above it), so the flag is kept for
-  studies clearly beyond the validation range; the p-value reports the rest;
+  while noise and swapped modalities lay tens to hundreds of times above it), so the flag
+  is kept for studies clearly beyond the validation range; the p-value reports the rest;
 * distance-aware probabilities: beyond the threshold the (temperature-scaled) logits are
   divided by ``s / threshold``, so confidence shrinks in proportion to how far beyond the
   validation range the study's features lie (the idea of SNGP's distance-aware output,
