@@ -223,7 +223,8 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
 
     1. every encoder is trained on its own, through its own classifier, all in one pass
        over the data (each loss term touches one encoder only), and each keeps its best
-       epoch by its own validation AUROC;
+       epoch (from the second half of the schedule, see ``_selectable``) by its own
+       validation AUROC;
     2. the fusion head is trained on the frozen encoders' embeddings (modality dropout
        still applies), with early stopping on the fused validation AUROC.
     """
