@@ -149,6 +149,12 @@ def feature_shift(
     return [raw_shift(r) for r in role_shifts(net, images, clinical, present)]
 
 
+def _normalised(role_shifts: Mapping[str, float], medians: Mapping[str, float]) -> float:
+    """The largest ratio of a role's raw shift to its median (unknown roles ignored)."""
+    return max((float(s) / max(medians[r], MIN_MEDIAN)
+                for r, s in role_shifts.items() if r in medians), default=0.0)
+
+
 @dataclass(frozen=True)
 class ShiftReference:
     """The validation studies' feature shifts, and what follows from them (module doc)."""
@@ -173,15 +179,13 @@ class ShiftReference:
         """From the validation studies' per-role raw shifts (:func:`role_shifts`)."""
         roles = sorted({r for v in validation for r in v})
         medians = {r: float(np.median([v[r] for v in validation if r in v])) for r in roles}
-        ref = cls(scores=(0.0,), alpha=alpha, role_medians=medians)
-        return cls(scores=tuple(ref.score(v) for v in validation), alpha=alpha,
+        return cls(scores=tuple(_normalised(v, medians) for v in validation), alpha=alpha,
                    role_medians=medians)
 
     def score(self, role_shifts: Mapping[str, float]) -> float:
         """``feature_shift``: the largest ratio of a role's raw shift to its validation
         median (roles the reference has not seen are ignored; 0 without imaging)."""
-        return max((float(s) / max(self.role_medians[r], MIN_MEDIAN)
-                    for r, s in role_shifts.items() if r in self.role_medians), default=0.0)
+        return _normalised(role_shifts, self.role_medians)
 
     def scores_of(self, role_shifts: Sequence[Mapping[str, float]]) -> list[float]:
         """:meth:`score` of each study."""
