@@ -91,7 +91,8 @@ def test_package_holds_card_and_safetensors_only_ids_free(model_dir: Path) -> No
     assert {"val_auroc_ct", "val_auroc_mr", "val_auroc_clinical"} <= set(log[0])
     head = [r for r in log if r.get("stage") == "fusion_head"]
     assert head and "val_auroc" in head[0]
-    assert card["calibration"]["shift"]["n"] == card["calibration"]["n"]
+    # 2 validation studies: too few to fit a temperature or a feature-shift reference
+    assert card["calibration"]["n"] < 10 and card["calibration"]["shift"] is None
 
 
 def test_round_trip_gives_identical_predictions(model_dir: Path, cohort: Path,

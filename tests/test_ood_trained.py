@@ -34,7 +34,9 @@ RECIPE = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("ood")
-    cohort = write_cohort(root / "cohort", 64, seed=7, roles=("ct", "mr"),
+    # 96 studies: the cohort's own split gives 15 validation studies (>= 10 needed to fit
+    # the temperature and the feature-shift reference)
+    cohort = write_cohort(root / "cohort", 96, seed=7, roles=("ct", "mr"),
                           formats={"ct": "nifti", "mr": "nifti"})
     model_dir = train(RECIPE, cohort.manifest, root / "model", seed=0, progress=False)
     model = FusionModel.load(model_dir)
@@ -91,13 +93,16 @@ def test_uncertainty_is_higher_out_of_distribution(trained, kind: str) -> None:
 def test_in_distribution_probabilities_are_only_temperature_scaled(trained) -> None:
     _, model, studies = trained
     ref = model.shift_reference
+    within = 0
     for s in studies:
         p = model.predict(s)
         if p.feature_shift <= ref.threshold:
+            within += 1
             raw = np.array([p.raw_probabilities[k] for k in model.labels])
             expected = model.calibrated(raw[None])[0]
             got = np.array([p.probabilities[k] for k in model.labels])
             np.testing.assert_allclose(got, expected, atol=1e-9)
+    assert within >= len(studies) // 2  # most held-out studies lie within the range
 
 
 def test_shift_reference_pvalues_and_threshold() -> None:

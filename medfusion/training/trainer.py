@@ -679,9 +679,10 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
             calibration = _calibrate(raw_val, data.labels[val_idx], shifts_val)
             card["calibration"] = calibration
             model = FusionModel.from_parts(card, tensors)
-            metrics["val"] = summary_metrics(
-                model.calibrated(raw_val, [model.shift_reference.score(v) for v in shifts_val]),
-                data.labels[val_idx])
+            scores_val = (None if model.shift_reference is None
+                          else model.shift_reference.scores_of(shifts_val))
+            metrics["val"] = summary_metrics(model.calibrated(raw_val, scores_val),
+                                             data.labels[val_idx])
         if len(test_idx):
             raw_test = model.raw_probabilities_arrays(*split_arrays(test_idx))
             shifts_test = None if model.shift_reference is None else [
@@ -715,8 +716,15 @@ def _calibrate(raw_probs: np.ndarray, y: np.ndarray, role_shifts: list[dict[str,
         # gave T = 0.06, i.e. wildly over-confident): keep T = 1 and say so in the card.
         log.warning("validation split too small to fit a temperature; using T = 1")
         scaler = TemperatureScaler.from_dict({"temperature": 1.0, "n_samples": 0})
-    reference = ShiftReference.fit(role_shifts)
-    probs = reference.adjust(scaler.transform(logits), reference.scores_of(role_shifts))
+    probs = scaler.transform(logits)
+    reference = None
+    if len(y) >= MIN_CALIBRATION:
+        reference = ShiftReference.fit(role_shifts)
+        probs = reference.adjust(probs, reference.scores_of(role_shifts))
+    else:
+        # The same few studies would make the largest of them the out-of-distribution
+        # threshold: keep the package's shift unfitted (fixed flag, no adjustment).
+        log.warning("validation split too small to fit the feature-shift reference")
     conformal = ConformalPredictor(method="lac").fit(probs, y)
     return {"temperature": scaler.to_dict(), "conformal": conformal.to_dict(),
-            "shift": reference.to_dict(), "n": int(len(y))}
+            "shift": None if reference is None else reference.to_dict(), "n": int(len(y))}

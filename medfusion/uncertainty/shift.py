@@ -39,8 +39,9 @@ because the raw scale depends on the data and the role:
   guarantee assumes the study is exchangeable with the calibration studies, and this
   study has just failed that test (``FusionModel.predict_prepared``).
 
-Packages trained before the reference existed report the raw shift (max over roles) with
-the fixed ``SHIFT_FLAG_THRESHOLD`` flag and unadjusted probabilities.
+Packages trained before the reference existed, or on fewer than 10 validation studies (the
+trainer then fits none), report the raw shift (max over roles) with the fixed
+``SHIFT_FLAG_THRESHOLD`` flag and unadjusted probabilities.
 
 It complements MC dropout: head-only dropout cannot see that the encoders received
 something unusual, while this score reads exactly that. It is a screening signal, not a
