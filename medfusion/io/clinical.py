@@ -10,9 +10,16 @@ section holds)::
 
 Rules the reader applies (and documents in docs/ingestion.md):
 
-* **Missing is explicit**: an empty cell, ``NA``, ``N/A``, ``NaN`` or ``null`` (any case)
-  becomes ``None``; nothing is imputed here. A schema variable absent from the file is
-  missing for every row and reported (``CLINICAL_COLUMN_MISSING``).
+* **Missing is explicit**: an empty cell, ``NA``, ``N/A``, ``NaN``, ``None`` or ``null``
+  (any case; :data:`MISSING_TOKENS`, the one vocabulary training, ``predict`` and
+  ``score`` share) becomes ``None``; nothing is imputed here.
+* **Columns must match the schema**: a schema variable absent from the file is refused
+  (``CLINICAL_SCHEMA``), because scoring without it silently changes predictions. A column
+  that differs from a variable only in case, spacing/underscores or a unit suffix (``Age``,
+  ``age (years)``, ``crp_mg_l``) is refused even when absent variables are accepted: it is
+  almost certainly the variable under another spelling. Absent variables are accepted only
+  on request (``allow_missing_clinical=True``); they are then ``None`` for every row and
+  reported (``CLINICAL_COLUMNS_MISSING``, also the flag callers put on each row).
 * **Units**: a header may carry its unit in brackets, ``weight[lb]``. When it differs from
   the schema's ``unit`` the values are converted with the schema's ``convert`` map
   (``{unit: factor}`` or ``{unit: [factor, offset]}``: ``value * factor + offset``) or a
@@ -20,7 +27,11 @@ Rules the reader applies (and documents in docs/ingestion.md):
   an unknown conversion is refused, never guessed. The range check applies after conversion.
 * **Refusals** (:class:`~medfusion.errors.ClinicalSchemaError`, code ``CLINICAL_SCHEMA``)
   name the column and the CSV line, never the offending value or the study id (either may
-  be identifying): out of range, not a number, unknown level, duplicate or empty study id.
+  be identifying). Structural problems (no id column, unreadable file, duplicate or empty
+  study id, a line with the wrong number of cells) always refuse the whole file. A bad cell
+  (out of range, not a number, unknown level) refuses the file by default; with
+  ``bad_values="collect"`` only that row is set aside (``table.errors``), so a batch can
+  fail that one study and go on.
 * **Unknown columns** are ignored and reported once (``CLINICAL_UNKNOWN_COLUMNS``).
 * Categorical values match the declared levels exactly, or case-insensitively (returned
   in the declared spelling). Numeric values come back as ``float``.
@@ -31,28 +42,43 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
 from medfusion.errors import ClinicalSchemaError
 from medfusion.types import Finding
 
 __all__ = [
+    "FLAG_COLUMNS_MISSING",
     "MISSING_TOKENS",
+    "SCHEMA_KEYS",
     "ClinicalSchema",
     "ClinicalTable",
     "ClinicalVariable",
+    "ColumnMatch",
+    "is_missing",
+    "match_clinical_columns",
     "read_clinical_csv",
     "validate_record",
+    "validate_value",
 ]
 
-#: Cell texts read as a missing value (compared case-insensitively, after stripping).
-MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null"})
+#: Cell texts read as a missing value (compared case-insensitively, after stripping). The
+#: only copy: training manifests, ``predict`` and ``score`` all read missing values with it,
+#: so a cell means the same thing whichever path reads it.
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "none", "null"})
+
+#: Flag put on every prediction row made while schema variables were absent from the file
+#: (accepted with ``allow_missing_clinical=True``); also the code of the table's finding.
+FLAG_COLUMNS_MISSING = "CLINICAL_COLUMNS_MISSING"
 
 _KINDS = ("numeric", "categorical")
 _KEYS = {"type", "unit", "range", "levels", "convert", "description"}
+#: The keys a schema entry may hold (a model card may carry others for its own use).
+SCHEMA_KEYS = frozenset(_KEYS)
 _HEADER_UNIT = re.compile(r"^\s*(?P<name>[^\[\]]+?)\s*\[(?P<unit>[^\[\]]+)\]\s*$")
 
 # (from unit, to unit) -> (factor, offset); value_to = value_from * factor + offset.
@@ -88,8 +114,11 @@ def _norm_unit(unit: str) -> str:
     return _UNIT_ALIASES.get(u, u)
 
 
+_SEE_DOCS = " See docs/ingestion.md (clinical records)."
+
+
 def _schema_error(message: str) -> ClinicalSchemaError:
-    return ClinicalSchemaError(message + " See docs/ingestion.md (clinical records).")
+    return ClinicalSchemaError(message + _SEE_DOCS)
 
 
 @dataclass(frozen=True)
@@ -238,13 +267,22 @@ class ClinicalSchema:
 
 
 class ClinicalTable(dict):  # type: ignore[type-arg]
-    """``{study_id: {variable: value}}`` plus the non-fatal findings of the read."""
+    """``{study_id: {variable: value}}`` plus what the read found.
+
+    ``issues``: non-fatal findings (unknown columns, absent variables accepted as missing);
+    ``absent``: schema variables the file lacks (accepted with ``allow_missing_clinical``);
+    ``errors``: ``{study_id: message}`` of rows set aside for a bad cell (only with
+    ``bad_values="collect"``; those studies are not in the table itself).
+    """
 
     issues: tuple[Finding, ...] = ()
     columns: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+    errors: Mapping[str, str] = MappingProxyType({})
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
+    """True for None, NaN and the :data:`MISSING_TOKENS` texts (any case, any spacing)."""
     if value is None:
         return True
     if isinstance(value, float) and math.isnan(value):
@@ -252,10 +290,12 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in MISSING_TOKENS
 
 
-def _value(var: ClinicalVariable, raw: Any, where: str,
-           conversion: tuple[float, float] | None = None) -> Any:
-    """One validated value (None when missing). ``where`` locates it without the value."""
-    if _is_missing(raw):
+def validate_value(var: ClinicalVariable, raw: Any, where: str,
+                   conversion: tuple[float, float] | None = None) -> Any:
+    """One validated value (None when missing; numbers as float, converted to the schema's
+    unit with ``conversion``; levels in their declared spelling). ``where`` locates the cell
+    in messages (line and column), which never quote the value itself."""
+    if is_missing(raw):
         return None
     if var.type == "numeric":
         if isinstance(raw, bool):
@@ -264,8 +304,8 @@ def _value(var: ClinicalVariable, raw: Any, where: str,
             number = float(raw.strip()) if isinstance(raw, str) else float(raw)
         except (TypeError, ValueError):
             raise _schema_error(
-                f"{where}: `{var.name}` is not a number. Write a plain number "
-                f"(decimal point '.'), or leave the cell empty / NA when unknown."
+                f"{where}: `{var.name}` is not a number; expected a number (decimal point "
+                "'.'), or an empty / NA cell when unknown."
             ) from None
         if not math.isfinite(number):
             raise _schema_error(f"{where}: `{var.name}` is infinite; leave it empty if unknown.")
@@ -293,17 +333,148 @@ def _value(var: ClinicalVariable, raw: Any, where: str,
     )
 
 
+# -- matching a file's columns to the schema ---------------------------------------------
+
+_TRAILING_UNIT = re.compile(r"\s*[\[(][^\[\]()]*[\])]\s*$")
+
+
+def _loose(name: str) -> str:
+    """A name reduced to lower-case letters and digits, without a trailing ``[unit]`` or
+    ``(unit)``: two spellings of one variable (``Age``, ``age (years)``) meet here."""
+    return "".join(ch for ch in _TRAILING_UNIT.sub("", name).lower() if ch.isalnum())
+
+
+def _unit_spellings(var: ClinicalVariable) -> set[str]:
+    """Loose spellings of the units ``var`` could be given in (its own and those it converts
+    from): only these count as a unit suffix (``age_years``), so that ``sex_m`` is not
+    mistaken for ``sex`` in metres."""
+    if var.unit is None:
+        return set()
+    own = _norm_unit(var.unit)
+    units = {own, *(_norm_unit(u) for u in var.convert)}
+    units |= {a for a, b in _BUILTIN_CONVERSIONS if b == own}
+    units |= {alias for alias, unit in _UNIT_ALIASES.items() if unit in units}
+    return {_loose(u) for u in units} - {""}
+
+
+def _spelled_like(column: str, var: ClinicalVariable) -> bool:
+    key, target = _loose(column), _loose(var.name)
+    if not target:
+        return False
+    if key == target:
+        return True
+    return key.startswith(target) and key[len(target):] in _unit_spellings(var)
+
+
+def _refuse_renamed(sch: ClinicalSchema, absent: Sequence[str], unknown: Sequence[str],
+                    source: str) -> None:
+    """Refuse when an unknown column is another spelling of an absent variable."""
+    renamed = [(col, name) for name in absent for col in unknown
+               if _spelled_like(col, sch.variables[name])]
+    if not renamed:
+        return
+    pairs = ", ".join(f"`{col}` for `{name}`" for col, name in renamed)
+    col, name = renamed[0]
+    unit = sch.variables[name].unit
+    raise _schema_error(
+        f"{source} spells clinical variable(s) differently from the model's schema: "
+        f"{pairs}. Names must match exactly, case included, or the values would be "
+        f"dropped: rename the column(s) (`{col}` to `{name}`"
+        + (f", or `{name}[{unit}]` to state the unit" if unit else "")
+        + ")."
+    )
+
+
+@dataclass(frozen=True)
+class ColumnMatch:
+    """How a file's header maps onto a schema (see :func:`match_clinical_columns`)."""
+
+    plan: Mapping[int, tuple[ClinicalVariable, tuple[float, float] | None]]
+    unknown: tuple[str, ...]
+    absent: tuple[str, ...]
+
+    def findings(self) -> tuple[Finding, ...]:
+        out = []
+        if self.unknown:
+            out.append(Finding(
+                "CLINICAL_UNKNOWN_COLUMNS",
+                "columns not in the clinical schema were ignored.",
+                {"columns": list(self.unknown)},
+            ))
+        if self.absent:
+            out.append(Finding(
+                FLAG_COLUMNS_MISSING,
+                "schema variables absent from the file were accepted as missing for every "
+                "study.",
+                {"columns": list(self.absent)},
+            ))
+        return tuple(out)
+
+
+def match_clinical_columns(
+    header: Sequence[str],
+    schema: Mapping[str, Any] | ClinicalSchema,
+    *,
+    skip: Collection[str] = (),
+    allow_missing: bool = False,
+    source: str = "the clinical CSV",
+) -> ColumnMatch:
+    """Match ``header`` (stripped column names) to the schema's variables.
+
+    ``header[i]`` is a variable's name, optionally with its unit in brackets
+    (``weight[lb]``). Columns named in ``skip`` (ids, labels, image paths) are not clinical.
+    Raises :class:`~medfusion.errors.ClinicalSchemaError` when a variable is given twice, in
+    a unit that cannot be converted, under another spelling of its name (``Age`` for
+    ``age``: refused even with ``allow_missing``, since the values are there but would be
+    dropped), or not at all unless ``allow_missing``.
+    """
+    sch = ClinicalSchema.from_dict(schema)
+    plan: dict[int, tuple[ClinicalVariable, tuple[float, float] | None]] = {}
+    unknown: list[str] = []
+    found: set[str] = set()
+    for idx, col in enumerate(header):
+        if col in skip:
+            continue
+        match = _HEADER_UNIT.match(col)
+        name, unit = (match["name"], match["unit"]) if match else (col, None)
+        var = sch.variables.get(name)
+        if var is None:
+            unknown.append(col)
+            continue
+        if name in found:
+            raise _schema_error(f"{source} gives `{name}` in two columns.")
+        found.add(name)
+        plan[idx] = (var, var.conversion_from(unit) if unit else None)
+    absent = [name for name in sch.columns if name not in found]
+    _refuse_renamed(sch, absent, unknown, source)
+    if absent and not allow_missing:
+        listed = ", ".join(f"`{name}`" for name in absent)
+        raise _schema_error(
+            f"{source} lacks clinical variable(s) the model's schema needs: {listed}; "
+            "scoring without them would change the predictions. Add the column(s) (an empty "
+            "cell means missing), or accept them as missing for every study with "
+            "--allow-missing-clinical (Python: allow_missing_clinical=True): each row is "
+            f"then flagged {FLAG_COLUMNS_MISSING}."
+        )
+    return ColumnMatch(plan=plan, unknown=tuple(unknown), absent=tuple(absent))
+
+
 def validate_record(record: Mapping[str, Any] | None,
                     schema: Mapping[str, Any] | ClinicalSchema) -> dict[str, Any]:
     """Validate one record against ``schema``; return ``{variable: value or None}`` for every
-    schema variable (keys outside the schema are dropped). Raises ClinicalSchemaError."""
+    schema variable (a variable the record lacks is missing; keys outside the schema are
+    dropped, unless one is another spelling of an absent variable, ``Age`` for ``age``,
+    which is refused). Raises ClinicalSchemaError."""
     sch = ClinicalSchema.from_dict(schema)
     if record is None:
         record = {}
     if not isinstance(record, Mapping):
         raise _schema_error("a clinical record must be a mapping of variable names to values.")
+    absent = [name for name in sch.columns if name not in record]
+    unknown = [str(k) for k in record if k not in sch.variables]
+    _refuse_renamed(sch, absent, unknown, "the clinical record")
     return {
-        name: _value(var, record.get(name), "clinical record")
+        name: validate_value(var, record.get(name), "clinical record")
         for name, var in sch.variables.items()
     }
 
@@ -313,13 +484,20 @@ def read_clinical_csv(
     schema: Mapping[str, Any] | ClinicalSchema | None = None,
     *,
     id_column: str = "study_id",
+    allow_missing_clinical: bool = False,
+    bad_values: Literal["raise", "collect"] = "raise",
 ) -> ClinicalTable:
     """Read a clinical CSV into ``{study_id: {variable: value}}`` (a :class:`ClinicalTable`).
 
     With a ``schema`` only its variables are kept, validated and converted (see the module
-    docstring). Without one, every column is kept as stripped text, missing tokens as None.
+    docstring); its columns must all be present unless ``allow_missing_clinical`` (then
+    ``table.absent`` lists those missing for every row). Without a schema, every column is
+    kept as stripped text, missing tokens as None. ``bad_values="collect"`` sets a row with
+    a bad cell aside in ``table.errors`` instead of refusing the file.
     Raises :class:`~medfusion.errors.ClinicalSchemaError` with the column and line number.
     """
+    if bad_values not in ("raise", "collect"):
+        raise ValueError("bad_values must be 'raise' or 'collect'")
     sch = None if schema is None else ClinicalSchema.from_dict(schema)
     p = Path(path)
     try:
@@ -328,8 +506,9 @@ def read_clinical_csv(
         raise _schema_error(
             "the clinical CSV does not exist or cannot be read; check the path."
         ) from None
-    issues: list[Finding] = []
     table = ClinicalTable()
+    errors: dict[str, str] = {}
+    matched: ColumnMatch | None = None
     with fh:
         try:
             reader = csv.reader(fh)
@@ -345,39 +524,9 @@ def read_clinical_csv(
             if len(set(header)) != len(header):
                 raise _schema_error("the clinical CSV repeats a column name in its header.")
             id_idx = header.index(id_column)
-            # column index -> (variable, conversion)
-            plan: dict[int, tuple[ClinicalVariable | None, tuple[float, float] | None]] = {}
-            unknown: list[str] = []
-            found: set[str] = set()
-            for idx, col in enumerate(header):
-                if idx == id_idx:
-                    continue
-                match = _HEADER_UNIT.match(col)
-                name, unit = (match["name"], match["unit"]) if match else (col, None)
-                if sch is None:
-                    plan[idx] = (None, None)
-                    continue
-                var = sch.variables.get(name)
-                if var is None:
-                    unknown.append(col)
-                    continue
-                if name in found:
-                    raise _schema_error(f"the clinical CSV gives `{name}` in two columns.")
-                found.add(name)
-                plan[idx] = (var, var.conversion_from(unit) if unit else None)
-            if unknown:
-                issues.append(Finding(
-                    "CLINICAL_UNKNOWN_COLUMNS",
-                    "columns not in the clinical schema were ignored.",
-                    {"columns": unknown},
-                ))
-            absent = [] if sch is None else [c for c in sch.columns if c not in found]
-            if absent:
-                issues.append(Finding(
-                    "CLINICAL_COLUMN_MISSING",
-                    "schema variables absent from the CSV are missing for every study.",
-                    {"columns": absent},
-                ))
+            if sch is not None:
+                matched = match_clinical_columns(header, sch, skip=(id_column,),
+                                                 allow_missing=allow_missing_clinical)
             for cells in reader:
                 line = reader.line_num
                 if not any(c.strip() for c in cells):
@@ -391,20 +540,39 @@ def read_clinical_csv(
                 if not sid:
                     raise _schema_error(f"line {line} of the clinical CSV has an empty "
                                         f"`{id_column}`.")
-                if sid in table:
+                if sid in table or sid in errors:
                     raise _schema_error(
                         f"line {line} of the clinical CSV repeats a `{id_column}` of an "
                         "earlier line; keep one row per study."
                     )
                 record: dict[str, Any] = {}
-                for idx, (var, conversion) in plan.items():
-                    if var is None:
-                        raw = cells[idx].strip()
-                        record[header[idx]] = None if _is_missing(raw) else raw
-                    else:
-                        where = f"line {line}, column `{header[idx]}`"
-                        record[var.name] = _value(var, cells[idx], where, conversion)
-                for name in absent:
+                if matched is None:
+                    for idx, raw in enumerate(cells):
+                        if idx != id_idx:
+                            text = raw.strip()
+                            record[header[idx]] = None if is_missing(text) else text
+                    table[sid] = record
+                    continue
+                problems: list[ClinicalSchemaError] = []
+                bad_columns: list[str] = []
+                for idx, (var, conversion) in matched.plan.items():
+                    where = f"line {line}, column `{header[idx]}`"
+                    try:
+                        record[var.name] = validate_value(var, cells[idx], where, conversion)
+                    except ClinicalSchemaError as error:
+                        if bad_values == "raise":
+                            raise
+                        problems.append(error)
+                        bad_columns.append(header[idx])
+                if problems:
+                    # One message per study: the first cell's reason, the other columns named.
+                    message = problems[0].message.removesuffix(_SEE_DOCS)
+                    if len(bad_columns) > 1:
+                        others = ", ".join(f"`{c}`" for c in bad_columns[1:])
+                        message += f" Also invalid in this row: {others}."
+                    errors[sid] = message + _SEE_DOCS
+                    continue
+                for name in matched.absent:
                     record[name] = None
                 table[sid] = record
         except csv.Error as exc:
@@ -416,8 +584,11 @@ def read_clinical_csv(
             raise _schema_error(
                 "the clinical CSV is not UTF-8 text; save it as UTF-8 CSV."
             ) from None
-    table.issues = tuple(issues)
-    table.columns = sch.columns if sch is not None else tuple(
-        h for i, h in enumerate(header) if i != id_idx
-    )
+    if sch is not None and matched is not None:
+        table.issues = matched.findings()
+        table.columns = sch.columns
+        table.absent = matched.absent
+    else:
+        table.columns = tuple(h for i, h in enumerate(header) if i != id_idx)
+    table.errors = MappingProxyType(errors)
     return table

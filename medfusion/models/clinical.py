@@ -22,17 +22,12 @@ import numpy as np
 
 from medfusion.errors import ClinicalSchemaError
 
+# The one missing-value vocabulary (also used by the CSV reader and the manifest): a cell the
+# reader calls missing must be imputed here, never parsed as a value.
+from medfusion.io.clinical import is_missing as _is_missing
+
 MISSING = "__missing__"
-_MISSING_TOKENS = {"", "na", "n/a", "nan", "none", "null"}
 _TYPES = ("numeric", "categorical")
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in _MISSING_TOKENS
 
 
 def _to_float(name: str, value: Any) -> float:
