@@ -340,3 +340,140 @@ def test_big_endian_and_nifti2_files(tmp_path: Path, arr: np.ndarray) -> None:
     np.testing.assert_array_equal(vol2.array, arr)
     np.testing.assert_allclose(vol2.affine, aff, atol=1e-6)
     assert vol2.meta["format"] == "NIfTI-2"
+
+
+# --- header values readers disagree on (qfac, negative pixdim, quaternion, scaling) ------
+_QFORM_AFFINE = np.diag([0.8, 0.9, 2.5, 1.0])
+
+
+def _qform_only(path: Path, data: np.ndarray) -> Path:
+    """A qform-only file (sform_code 0) whose header fields the tests then patch raw."""
+    img = nib.Nifti1Image(data, _QFORM_AFFINE)
+    img.set_qform(_QFORM_AFFINE, code=1)
+    img.set_sform(None, code=0)
+    nib.save(img, str(path))
+    return path
+
+
+def _patch(path: Path, offset: int, fmt: str, *values: float) -> Path:
+    raw = bytearray(path.read_bytes())
+    struct.pack_into(fmt, raw, offset, *values)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _nibabel_view(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """What nibabel gives for the file, as (I, J, K[, T]) float32 and affine."""
+    img = nib.load(str(path))
+    return np.asarray(img.get_fdata(), dtype=np.float32), img.affine
+
+
+def test_qfac_zero_read_as_one_like_nibabel(tmp_path: Path, arr: np.ndarray) -> None:
+    path = _patch(_qform_only(tmp_path / "q0.nii", arr), 76, "<f", 0.0)  # pixdim[0]
+    vol = load_nifti(path)
+    data, affine = _nibabel_view(path)
+    np.testing.assert_array_equal(vol.array, data)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
+    np.testing.assert_allclose(vol.affine, _QFORM_AFFINE, atol=1e-6)
+    assert vol.meta["affine_source"] == "qform"
+    flipped = _patch(_qform_only(tmp_path / "qm.nii", arr), 76, "<f", -1.0)
+    assert np.linalg.det(load_nifti(flipped).affine[:3, :3]) < 0  # qfac -1 is kept
+    odd = _patch(_qform_only(tmp_path / "qodd.nii", arr), 76, "<f", -0.5)
+    with pytest.raises(GeometryError) as err:  # nibabel reads 1, niftilib -1
+        load_nifti(odd)
+    assert "qfac" in err.value.message
+
+
+@pytest.mark.parametrize("axis", [1, 3])
+def test_negative_pixdim_refused_when_the_qform_needs_it(
+    tmp_path: Path, arr: np.ndarray, axis: int
+) -> None:
+    """nibabel takes abs(pixdim), ITK flips the axis: the orientation is ambiguous."""
+    path = _patch(_qform_only(tmp_path / "neg.nii", arr), 76 + 4 * axis, "<f", -0.8)
+    with pytest.raises(GeometryError) as err:
+        load_nifti(path)
+    assert err.value.code == "GEOMETRY" and "negative" in err.value.message
+    # With an sform the qform's voxel sizes are not used: loaded like nibabel loads it.
+    both = nib.Nifti1Image(arr, _oblique_affine())
+    both.set_qform(_oblique_affine(), code=1)
+    nib.save(both, str(tmp_path / "both.nii"))
+    path = _patch(tmp_path / "both.nii", 76 + 4 * axis, "<f", -0.8)
+    vol = load_nifti(path)
+    data, affine = _nibabel_view(path)
+    np.testing.assert_array_equal(vol.array, data)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
+    assert "QFORM_INVALID" in _codes(vol)
+
+
+def test_quaternion_longer_than_one(tmp_path: Path, arr: np.ndarray) -> None:
+    path = _patch(_qform_only(tmp_path / "q.nii", arr), 256, "<3f", 0.9, 0.9, 0.0)
+    with pytest.raises(ValueError):  # nibabel refuses it too (not a rotation)
+        nib.load(str(path)).header.get_qform()
+    with pytest.raises(GeometryError) as err:
+        load_nifti(path)
+    assert "quaternion" in err.value.message
+    # The sform (sform_code > 0) still defines the grid: loaded, the qform reported.
+    img = nib.Nifti1Image(arr, _oblique_affine())
+    img.set_qform(_oblique_affine(), code=1)
+    nib.save(img, str(tmp_path / "qs.nii"))
+    path = _patch(tmp_path / "qs.nii", 256, "<3f", 0.9, 0.9, 0.0)
+    vol = load_nifti(path)
+    np.testing.assert_allclose(vol.affine, nib.load(str(path)).affine, atol=1e-6)
+    assert "QFORM_INVALID" in _codes(vol)
+
+
+@pytest.mark.parametrize("inter", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_intercept_with_a_slope_refused(tmp_path: Path, inter: float) -> None:
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    path = _patch(_qform_only(tmp_path / "i.nii", data), 112, "<2f", 2.0, inter)
+    with pytest.raises(Exception, match="intercept"):  # nibabel refuses it as well
+        nib.load(str(path)).get_fdata()
+    with pytest.raises(InvalidValuesError):
+        load_nifti(path)
+
+
+@pytest.mark.parametrize("slope", [0.0, float("nan"), float("inf")])
+def test_unusable_slope_means_no_scaling_like_nibabel(tmp_path: Path, slope: float) -> None:
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    path = _patch(_qform_only(tmp_path / "s.nii", data), 112, "<2f", slope, 5.0)
+    vol = load_nifti(path)
+    np.testing.assert_array_equal(vol.array, _nibabel_view(path)[0])
+    np.testing.assert_array_equal(vol.array, data)
+    assert _codes(vol) == ["SCALING_IGNORED"]  # ITK would add the intercept
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 10.0])
+def test_implausible_vox_offset_is_corrupt(tmp_path: Path, arr: np.ndarray, value: float) -> None:
+    path = _patch(_save(tmp_path / "v.nii", arr, np.eye(4)), 108, "<f", value)
+    with pytest.raises(CorruptFileError) as err:
+        load_nifti(path)
+    assert "vox_offset" in err.value.message
+
+
+def test_link_loop_is_a_typed_error(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop.name)
+    with pytest.raises(MedfusionError) as err:
+        load_nifti(loop)
+    assert err.value.code == "SYMLINK_LOOP"
+
+
+# --- sniffing: magic strings, not the first four bytes -----------------------------------
+def test_dicom_whose_preamble_starts_with_348_is_dicom(tmp_path: Path) -> None:
+    from medfusion.io.nifti import sniff_format
+    from medfusion.io.volume import load_volume
+
+    sample = Path(__file__).resolve().parents[1] / "data_samples/studies/study-000/xray.dcm"
+    raw = bytearray(sample.read_bytes())
+    assert raw[128:132] == b"DICM"
+    raw[:4] = (348).to_bytes(4, "little")  # the preamble is free-form
+    path = tmp_path / "image"
+    path.write_bytes(bytes(raw))
+    assert sniff_format(path) == "dicom"
+    vol = load_volume(path)
+    np.testing.assert_array_equal(vol.array, load_volume(sample).array)
+    for name, klass in (("a.nii", nib.Nifti1Image), ("b.nii.gz", nib.Nifti2Image)):
+        nib.save(klass(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(tmp_path / name))
+        assert sniff_format(tmp_path / name) == "nifti"
+    (tmp_path / "text.nii").write_text("not an image " * 50)
+    assert sniff_format(tmp_path / "text.nii") == "unknown"

@@ -30,9 +30,12 @@ scanned for a modality word (CT, MR, ...).
 
 from __future__ import annotations
 
+import errno
 import io
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,15 +48,19 @@ from medfusion.errors import (
     MedfusionError,
     NoImagesError,
     TruncatedError,
+    UnsafePathError,
     UnsupportedInputError,
 )
 from medfusion.io.keys import pseudonym
 from medfusion.io.limits import check_declared_size
 from medfusion.types import Finding, Volume
 
-__all__ = ["is_nifti_name", "load_nifti", "sniff_gzip"]
+__all__ = ["is_nifti_name", "load_nifti", "sniff_format", "sniff_gzip"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_DICOM_MAGIC = b"DICM"  # at byte 128, after the free-form preamble
+_NIFTI1_MAGICS = (b"n+1\x00", b"ni1\x00")  # at byte 344
+_NIFTI2_MAGICS = (b"n+2\x00", b"ni2\x00")  # at byte 4
 _CHUNK = 16 * 1024 * 1024
 # Extensions live between the header and vox_offset; anything beyond this is a broken header.
 _MAX_VOX_OFFSET = 64 * 1024 * 1024
@@ -78,6 +85,37 @@ def sniff_gzip(path: str | Path) -> bool:
     """True when the file starts with the gzip magic bytes (whatever its extension says)."""
     with open(path, "rb") as fh:
         return fh.read(2) == _GZIP_MAGIC
+
+
+def _has_nifti_magic(head: bytes) -> bool:
+    return head[344:348] in _NIFTI1_MAGICS or head[4:8] in _NIFTI2_MAGICS
+
+
+def sniff_format(path: str | Path) -> str:
+    """``"nifti"``, ``"dicom"`` or ``"unknown"``, from the file's bytes, not its name.
+
+    The magic strings decide: ``DICM`` at byte 128 (DICOM Part 10) and ``n+1``/``ni1`` at
+    byte 344 or ``n+2``/``ni2`` at byte 4 (NIfTI-1/-2; a gzip stream is looked into). The
+    first four bytes (NIfTI's ``sizeof_hdr``) are not used: a DICOM preamble is free-form
+    and may start with the bytes of 348. When both magics are present (a contrived file)
+    the NIfTI one wins only if ``sizeof_hdr`` agrees with it. Unreadable files are
+    ``"unknown"``; the loaders then report why.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(548)
+            if head[:2] == _GZIP_MAGIC:
+                fh.seek(0)
+                with _open_stream(Path(path), True) as stream:
+                    head = stream.read(548)
+    except Exception:  # noqa: BLE001 - a damaged gzip stream or unreadable file: undecided
+        return "unknown"
+    dicom = head[128:132] == _DICOM_MAGIC
+    if _has_nifti_magic(head):
+        sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+        if not dicom or sizes & {348, 540}:
+            return "nifti"
+    return "dicom" if dicom else "unknown"
 
 
 def _open_stream(path: Path, compressed: bool) -> BinaryIO:
@@ -205,6 +243,32 @@ def _data_dtype(header: Any, what: str) -> np.dtype:
     return dtype
 
 
+def _qform(header: Any) -> tuple[np.ndarray | None, str]:
+    """The qform affine, or ``None`` and why it cannot be trusted.
+
+    Rules where readers differ or refuse: ``pixdim[0]`` (qfac) 0, NaN or positive is 1 (as
+    nibabel and niftilib both read it; real files carry 0), -1 is -1, any other negative
+    value is refused (nibabel reads 1, niftilib -1). A negative voxel size is refused:
+    nibabel takes its absolute value while ITK flips that axis, so the orientation is
+    ambiguous. A quaternion with b^2 + c^2 + d^2 > 1 is not a rotation (nibabel refuses it,
+    niftilib renormalises it to a different one): refused.
+    """
+    pixdim = np.asarray(header["pixdim"], dtype=np.float64)
+    qfac = float(pixdim[0])
+    if qfac < 0 and qfac != -1.0:
+        return None, f"pixdim[0] (qfac) is {qfac:g}, neither 1 nor -1"
+    if np.any(pixdim[1:4] < 0):
+        return None, "a voxel size (pixdim[1..3]) is negative"
+    fixed = header.copy()
+    fixed["pixdim"][0] = -1.0 if qfac == -1.0 else 1.0
+    try:
+        with np.errstate(all="ignore"):
+            affine = np.asarray(fixed.get_qform(), dtype=np.float64)
+    except ValueError:  # nibabel: w2 < 0, i.e. b^2 + c^2 + d^2 > 1 (HeaderDataError too)
+        return None, "the qform quaternion is not a rotation (b^2 + c^2 + d^2 > 1)"
+    return affine, ""
+
+
 def _choose_affine(
     header: Any, what: str, strict: bool
 ) -> tuple[np.ndarray, str, list[Finding]]:
@@ -212,13 +276,25 @@ def _choose_affine(
     findings: list[Finding] = []
     sform_code = int(header["sform_code"])
     qform_code = int(header["qform_code"])
+    qform, qform_problem = _qform(header) if qform_code > 0 else (None, "")
     with np.errstate(all="ignore"):
-        qform = header.get_qform() if qform_code > 0 else None
-        sform = header.get_sform() if sform_code > 0 else None
+        sform = np.asarray(header.get_sform(), dtype=np.float64) if sform_code > 0 else None
     if sform is not None:
         affine, source = sform, "sform"
-        if qform is not None and not np.allclose(qform, sform, rtol=_QS_RTOL, atol=_QS_ATOL_MM):
-            diff = float(np.nanmax(np.abs(qform - sform)))
+        if qform_problem:
+            findings.append(
+                Finding(
+                    "QFORM_INVALID",
+                    f"the qform is unusable ({qform_problem}); the sform (sform_code > 0) "
+                    "was used, as the NIfTI standard and nibabel do.",
+                    {"qform_code": qform_code, "sform_code": sform_code},
+                )
+            )
+        elif qform is not None and not np.allclose(
+            qform, sform, rtol=_QS_RTOL, atol=_QS_ATOL_MM
+        ):
+            with np.errstate(all="ignore"):
+                diff = float(np.nanmax(np.abs(qform - sform)))
             findings.append(
                 Finding(
                     "QFORM_SFORM_MISMATCH",
@@ -228,6 +304,12 @@ def _choose_affine(
                      "sform_code": sform_code},
                 )
             )
+    elif qform_problem:
+        raise GeometryError(
+            f"{what}: {qform_problem}, so the qform (the only transform, sform_code 0) does "
+            "not define an orientation that readers agree on. Re-export the image with "
+            "valid geometry."
+        )
     elif qform is not None:
         affine, source = qform, "qform"
     else:
@@ -237,7 +319,8 @@ def _choose_affine(
                 "unknown. Re-export the image with its scanner geometry.",
                 code="NO_SPATIAL_TRANSFORM",
             )
-        affine, source = header.get_base_affine(), "base"
+        with np.errstate(all="ignore"):
+            affine, source = header.get_base_affine(), "base"
         findings.append(
             Finding(
                 "NO_SPATIAL_TRANSFORM",
@@ -247,7 +330,10 @@ def _choose_affine(
         )
     affine = np.asarray(affine, dtype=np.float64)
     rot = affine[:3, :3]
-    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(rot))) < 1e-12:
+    with np.errstate(all="ignore"):
+        det = float(np.linalg.det(rot)) if np.all(np.isfinite(affine)) else math.nan
+    # An infinite determinant (voxel sizes near float32's maximum) is no usable grid either.
+    if not math.isfinite(det) or abs(det) < 1e-12:
         raise GeometryError(
             f"{what}: the {source} affine is singular or not finite (a zero voxel size?). "
             "Re-export the image with valid geometry."
@@ -273,6 +359,33 @@ def _choose_affine(
     return affine, source, findings
 
 
+def _scaling(header: Any, what: str) -> tuple[float, float, list[Finding]]:
+    """``scl_slope``/``scl_inter`` by nibabel's rule: a slope of 0 or not finite means no
+    scaling (both ignored); a finite non-zero slope with a non-finite intercept is refused
+    (nibabel refuses it too, ITK silently drops the intercept)."""
+    slope = float(header["scl_slope"])
+    inter = float(header["scl_inter"])
+    if slope == 0.0 or not math.isfinite(slope):
+        findings = []
+        if inter != 0.0 and not math.isnan(inter):
+            # ITK applies such an intercept on its own: say which reading was used.
+            findings.append(
+                Finding(
+                    "SCALING_IGNORED",
+                    "scl_slope is 0 or not finite, so scl_slope and scl_inter were both "
+                    "ignored (the NIfTI and nibabel rule); other readers may add the "
+                    "intercept. Check the intensities.",
+                )
+            )
+        return 1.0, 0.0, findings
+    if not math.isfinite(inter):
+        raise InvalidValuesError(
+            f"{what}: scl_slope is set but scl_inter is NaN or infinite, so no intensity "
+            "is defined. Fix the header's scaling (e.g. scl_inter = 0) and save again."
+        )
+    return slope, inter, []
+
+
 def _modality(header: Any) -> str:
     text = " ".join(
         bytes(header[field]).split(b"\x00")[0].decode("latin-1", "replace")
@@ -284,6 +397,45 @@ def _modality(header: Any) -> str:
     return "unknown"
 
 
+def _read_checked(
+    stream: BinaryIO, n: int, into: bytearray, what: str, compressed: bool
+) -> None:
+    """:func:`_read_up_to` with every stream failure mapped to a typed error."""
+    try:
+        _read_up_to(stream, n, into)
+    except (EOFError, OSError, ValueError, RuntimeError) as exc:
+        # gzip/zlib/isal raise these (and their subclasses) for a damaged or cut stream.
+        if not compressed:
+            raise _unreadable(what, exc) from exc
+        raise _stream_error(exc, what) from exc
+
+
+def _unreadable(what: str, exc: BaseException) -> MedfusionError:
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return UnsafePathError(
+            f"{what} is a symbolic link that points back to itself (a link loop); remove "
+            "or fix the link.",
+            code="SYMLINK_LOOP",
+        )
+    return UnsupportedInputError(
+        f"{what} cannot be read ({type(exc).__name__}); check its permissions.",
+        code="UNREADABLE",
+    )
+
+
+def _vox_offset(header: Any, what: str) -> int:
+    value = float(header["vox_offset"])
+    hdr_size = int(header["sizeof_hdr"])
+    # NaN and inf fail this comparison too, before any int() conversion.
+    if not hdr_size <= value <= _MAX_VOX_OFFSET:
+        raise CorruptFileError(
+            f"{what}: implausible vox_offset {value:g} (before the end of the header, past "
+            f"{_MAX_VOX_OFFSET} bytes or not a number); the header is corrupt. Export the "
+            "image again."
+        )
+    return int(value)
+
+
 def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
     """Load a ``.nii`` / ``.nii.gz`` file as a float32 :class:`Volume` in RAS+ mm.
 
@@ -293,55 +445,46 @@ def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
     """
     p = Path(path)
     what = f"NIfTI file {pseudonym(str(p.absolute()), prefix='file-')}"
-    if not p.is_file():
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _unreadable(what, exc) from exc
+        raise NoImagesError(f"{what} does not exist or is not a file; check the path.") from exc
+    if not stat.S_ISREG(st.st_mode):
         raise NoImagesError(f"{what} does not exist or is not a file; check the path.")
+    findings: list[Finding] = []
+    buf = bytearray()
     try:
         compressed = sniff_gzip(p)
-        file_size = p.stat().st_size
-        findings: list[Finding] = []
-        buf = bytearray()
         with _open_stream(p, compressed) as stream:
-            try:
-                _read_up_to(stream, 540, buf)
-                header = _parse_header(bytes(buf), what)
-                shape = _declared_shape(header, what)
-                dtype = _data_dtype(header, what)
-                check_declared_size(shape, dtype.itemsize, what)
-                offset = int(float(header["vox_offset"]))
-                hdr_size = int(header["sizeof_hdr"])
-                if not hdr_size <= offset <= _MAX_VOX_OFFSET:
-                    raise CorruptFileError(
-                        f"{what}: implausible vox_offset {offset}; the header is corrupt."
-                    )
-                need = offset + math.prod(shape) * dtype.itemsize
-                if not compressed and file_size < need:
-                    raise TruncatedError(
-                        f"{what}: the header declares {need} bytes but the file has "
-                        f"{file_size} (cut short, or dims byte-swapped). Export it again."
-                    )
-                if len(buf) > need:
-                    del buf[need:]
-                _read_up_to(stream, need - len(buf), buf)
-                if len(buf) < need:
-                    raise TruncatedError(
-                        f"{what}: the data ends after {len(buf)} of {need} declared bytes. "
-                        "Copy or export the file again."
-                    )
-                # Reading one byte more verifies the gzip CRC and length at the end of the
-                # stream (tail corruption, D1) without decompressing past the cap (D6).
-                extra = stream.read(1) if compressed else b""
-            except (EOFError, OSError) as exc:
-                raise _stream_error(exc, what) from exc
-            except Exception as exc:
-                if isinstance(exc, MedfusionError):
-                    raise
-                # zlib/isal raise their own error types for a damaged deflate stream.
-                raise _stream_error(exc, what) from exc
-    except OSError as exc:
-        raise UnsupportedInputError(
-            f"{what} cannot be read ({type(exc).__name__}); check its permissions.",
-            code="UNREADABLE",
-        ) from exc
+            _read_checked(stream, 540, buf, what, compressed)
+            header = _parse_header(bytes(buf), what)
+            shape = _declared_shape(header, what)
+            dtype = _data_dtype(header, what)
+            check_declared_size(shape, dtype.itemsize, what)
+            offset = _vox_offset(header, what)
+            need = offset + math.prod(shape) * dtype.itemsize
+            if not compressed and st.st_size < need:
+                raise TruncatedError(
+                    f"{what}: the header declares {need} bytes but the file has "
+                    f"{st.st_size} (cut short, or dims byte-swapped). Export it again."
+                )
+            if len(buf) > need:
+                del buf[need:]
+            _read_checked(stream, need - len(buf), buf, what, compressed)
+            if len(buf) < need:
+                raise TruncatedError(
+                    f"{what}: the data ends after {len(buf)} of {need} declared bytes. "
+                    "Copy or export the file again."
+                )
+            # Reading one byte more verifies the gzip CRC and length at the end of the
+            # stream (tail corruption, D1) without decompressing past the cap (D6).
+            extra = bytearray()
+            if compressed:
+                _read_checked(stream, 1, extra, what, compressed)
+    except OSError as exc:  # opening the file (permissions, a link loop, ...)
+        raise _unreadable(what, exc) from exc
     if extra:
         if strict:
             raise CorruptFileError(
@@ -358,15 +501,16 @@ def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
 
     affine, source, geo_findings = _choose_affine(header, what, strict)
     findings.extend(geo_findings)
+    slope, inter, scale_findings = _scaling(header, what)
+    findings.extend(scale_findings)
     raw = np.ndarray(shape, dtype=dtype, buffer=buf, offset=offset, order="F")
-    slope, inter = header.get_slope_inter()
     with np.errstate(all="ignore"):
         # Keep NIfTI's Fortran order: a C-order copy would cost a slow transposing pass
         # (measured 2.2 s vs 0.25 s for 512x512x200); Volume does not require C order.
         array = np.array(raw, dtype=np.float32, order="K")
-        if slope is not None and slope != 1.0:
+        if slope != 1.0:
             array *= np.float32(slope)
-        if inter is not None and inter != 0.0:
+        if inter != 0.0:
             array += np.float32(inter)
     finite = np.isfinite(array)
     if not finite.all():
@@ -386,8 +530,9 @@ def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
         "sform_code": int(header["sform_code"]),
     }
     if len(shape) == 4:
+        step = float(pixdim[4])
         meta["n_timepoints"] = int(shape[3])
-        meta["time_step"] = float(pixdim[4])
+        meta["time_step"] = step if math.isfinite(step) else None  # JSON has no NaN
         meta["time_unit"] = str(header.get_xyzt_units()[1])
     return Volume(
         array=array,

@@ -10,26 +10,16 @@ from medfusion.types import Finding, Volume
 
 __all__ = ["load_volume", "is_nifti"]
 
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
 def is_nifti(path: Path) -> bool:
-    """A NIfTI file by its bytes (gzip magic or the NIfTI-1/2 header), not its extension
-    alone (D2: an extension may lie about gzip)."""
-    name = path.name.lower()
-    try:
-        with open(path, "rb") as fp:
-            head = fp.read(348 + 4)
-    except OSError:
-        return False
-    if head[:2] == _GZIP_MAGIC:
-        return name.endswith((".nii.gz", ".nii", ".gz"))
-    if len(head) >= 348:
-        sizeof_hdr_le = int.from_bytes(head[:4], "little")
-        sizeof_hdr_be = int.from_bytes(head[:4], "big")
-        if sizeof_hdr_le in (348, 540) or sizeof_hdr_be in (348, 540):
-            return True
-    return name.endswith((".nii", ".nii.gz"))
+    """A NIfTI file by its magic bytes (:func:`medfusion.io.nifti.sniff_format`), not by its
+    first four bytes (a DICOM preamble may start with 348) nor its extension (D2: it may lie
+    about gzip); the name decides only when the bytes say neither NIfTI nor DICOM."""
+    from medfusion.io.nifti import sniff_format
+
+    kind = sniff_format(path)
+    if kind != "unknown":
+        return kind == "nifti"
+    return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
 def _pick(series: list[SeriesInfo], choice: int | str) -> SeriesInfo:
