@@ -188,6 +188,9 @@ def report(
     ),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap replicates."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    accept_model_mismatch: bool = typer.Option(
+        False, "--accept-model-mismatch",
+        help="Write the report even when --model is not the model run.json recorded."),
 ) -> None:
     """Validation report of a scored batch: report.html (self-contained) and report.json."""
     from medfusion.report.builder import validation_report
@@ -197,11 +200,13 @@ def report(
             scores, labels, out, subgroups=[s for s in subgroups.split(",") if s.strip()],
             compare=compare, model_dir=model, saliency_dir=saliency,
             positive_label=positive_label, threshold=threshold, n_bootstrap=n_bootstrap,
-            seed=seed,
+            seed=seed, accept_model_mismatch=accept_model_mismatch,
         )
     except MedfusionError as error:
         _fail(error)
         return
+    for check in result.get("audit_failures") or []:
+        console.print(f"[bold red]run audit failed:[/] {check}", soft_wrap=True)
     auroc = result["auroc"]
 
     def fmt(x: object) -> str:

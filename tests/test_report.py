@@ -60,7 +60,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     report = validation_report(
         batch["out"] / "scores.csv", batch["labels"], root / "REPORT",
         subgroups=["site", "sex"], compare=other["out"] / "scores.csv", model_dir=model,
-        n_bootstrap=300, seed=0,
+        n_bootstrap=300, seed=0, accept_model_mismatch=True,
     )
     return {**batch, "report": report, "dir": root / "REPORT", "root": root}
 
@@ -275,6 +275,28 @@ def test_cli_report_and_clean_error(tmp_path: Path) -> None:
 def test_run_audit_checks_the_model_card_digest(binary: dict, tmp_path: Path) -> None:
     checks = {c["check"]: c["result"] for c in binary["report"]["run"]["checks"]}
     assert checks["model card digest in run.json matches --model"] == "FAIL"  # 000... in run
+    # Accepted explicitly: the failure is the first thing the report says.
+    assert "model card digest in run.json matches --model" in binary["report"]["audit_failures"]
+    html = (binary["dir"] / "report.html").read_text()
+    assert "Run audit failed" in html
+    assert html.index("Run audit failed") < html.index('<section id="summary"')
+    assert "NOT the model" in binary["report"]["notes"][0]
+    # Not accepted: refused before anything is written, on the console and by exit code.
+    model = binary["root"] / "model"
+    with pytest.raises(MedfusionError) as info:
+        validation_report(binary["out"] / "scores.csv", binary["labels"], tmp_path / "NO",
+                          model_dir=model, n_bootstrap=0)
+    assert info.value.code == "REPORT_MODEL_MISMATCH"
+    assert not (tmp_path / "NO").exists()
+    runner = CliRunner()
+    args = ["report", "--scores", str(binary["out"] / "scores.csv"), "--labels",
+            str(binary["labels"]), "--model", str(model), "--n-bootstrap", "0"]
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "CLI")])
+    assert refused.exit_code == 1 and "REPORT_MODEL_MISMATCH" in refused.output
+    accepted = runner.invoke(app, [*args, "--out", str(tmp_path / "CLI2"),
+                                   "--accept-model-mismatch"])
+    assert accepted.exit_code == 0, accepted.output
+    assert "run audit failed" in accepted.output
     # a run.json that recorded this card's digest passes
     from medfusion.report.inputs import card_sha256
 

@@ -340,6 +340,7 @@ def validation_report(
     threshold: float | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    accept_model_mismatch: bool = False,
 ) -> dict:
     """Build the validation report of a scored batch against its labels.
 
@@ -351,6 +352,12 @@ def validation_report(
     else the second label; decisions ``p >= threshold`` (0.5).
     Multiclass: one-vs-rest per class, macro summaries and argmax decisions unless a
     ``positive_label`` is given. Bad input raises :class:`ReportInputError`.
+
+    The run audit compares run.json with ``model_dir``: when the model card or model.json
+    digest recorded by the scoring run differs from the given model (the report would
+    describe a model that did not produce the scores) nothing is written and
+    ``REPORT_MODEL_MISMATCH`` is raised, unless ``accept_model_mismatch`` is set; the report
+    then says so at the top. Every failed audit check is listed in ``audit_failures``.
     """
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or not (
         0 <= n_bootstrap <= 100_000
@@ -375,6 +382,24 @@ def validation_report(
     sc = I.read_scores(scores_path)
     card = _model_card(model_dir)
     notes: list[str] = list(sc.notes)
+    failures = I.read_failures(scores_path.parent / "failures.csv")
+    run = I.read_json(scores_path.parent / "run.json", "run.json")
+    run_section = _run_section(run, card, model_dir, sc, failures)
+    audit_failures = [c["check"] for c in (run_section or {}).get("checks", [])
+                      if c["result"] != "pass"]
+    model_mismatch = [c for c in audit_failures if "digest" in c]
+    if model_mismatch and not accept_model_mismatch:
+        raise ReportInputError(
+            "--model is not the model that produced these scores (run audit: "
+            + "; ".join(f"{c}: FAIL" for c in model_mismatch)
+            + "). Give the model folder the scoring run used, or accept the mismatch "
+            "explicitly (--accept-model-mismatch); the report then says so at the top.",
+            code="REPORT_MODEL_MISMATCH",
+        )
+    if model_mismatch:
+        notes.insert(0, "the model card given with --model is NOT the model that produced "
+                        "these scores (run audit failed; accepted with "
+                        "--accept-model-mismatch).")
     if card is not None:
         card_labels = card.get("labels") or card.get("label_names")
         if isinstance(card_labels, list) and [str(x) for x in card_labels] != list(sc.labels):
@@ -457,8 +482,6 @@ def validation_report(
                          "the comparison scores; the comparison uses the matched studies only.")
         notes.extend(other.notes)
 
-    failures = I.read_failures(scores_path.parent / "failures.csv")
-    run = I.read_json(scores_path.parent / "run.json", "run.json")
     cohort = _cohort(sc, lab, failures, run, len(ids))
     if cohort["labels_without_scores"]:
         notes.append(f"{cohort['labels_without_scores']} labelled studies have no score "
@@ -489,7 +512,8 @@ def validation_report(
             k: v for k, v in failures.items() if k != "study_ids"
         },
         "model_card": None if card is None else _card_section(card),
-        "run": _run_section(run, card, model_dir, sc, failures),
+        "run": run_section,
+        "audit_failures": audit_failures,
         "saliency": gallery,
         "inputs": {
             "optional_columns": [c for c in ("entropy", "prediction_set", "abstain")

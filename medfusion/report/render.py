@@ -18,6 +18,8 @@ _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
 margin:0;color:#1d2733;background:#f6f7f9;line-height:1.45}
 main{max-width:1080px;margin:0 auto;padding:24px 28px 60px;background:#fff}
+.audit-failed{border:2px solid #b3261e;background:#fdecea;color:#5f1410;padding:10px 14px;
+margin:14px 0;border-radius:4px}
 h1{font-size:1.6em;margin:0 0 4px}h2{font-size:1.25em;border-bottom:2px solid #1f5f99;
 padding-bottom:3px;margin-top:34px}h3{font-size:1.05em;margin:18px 0 6px}
 table{border-collapse:collapse;margin:8px 0 14px;font-size:.88em}
@@ -436,6 +438,15 @@ def render_html(report: dict, gallery_images: list[dict]) -> str:
     toc = " · ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>'
                    for sid, title, content in sections)
+    failed = r.get("audit_failures") or []
+    if failed:
+        # A failed audit changes how every number below must be read: say it first.
+        body = (
+            '<div class="audit-failed" role="alert"><strong>Run audit failed.</strong> '
+            "The files given do not agree with the scoring run: "
+            + "; ".join(_e(c) for c in failed)
+            + ' (see <a href="#model">the run audit</a>).</div>' + body
+        )
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
