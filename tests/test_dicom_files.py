@@ -339,15 +339,17 @@ def test_deflated_series(tmp_path: Path):
 
 
 # --- malformed values: typed errors only, nothing identifying printed ---------------------
-def test_malformed_voi_lut_is_typed_error(tmp_path: Path):
-    path = write_radiograph(tmp_path / "v.dcm", RNG.integers(0, 4096, (8, 8)),
+def test_malformed_voi_lut_is_ignored_with_finding(tmp_path: Path):
+    stored = RNG.integers(0, 4096, (8, 8))
+    path = write_radiograph(tmp_path / "v.dcm", stored,
                             voi_lut={"lut": np.arange(4096) // 16, "first_mapped": 0, "bits": 8})
     ds = pydicom.dcmread(path)
     del ds.VOILUTSequence[0].LUTDescriptor
     ds.save_as(path)
-    with pytest.raises(MedfusionError) as err:
-        load_volume(path)
-    assert err.value.code == "CORRUPT"
+    vol = load_volume(path)
+    assert "VOI_IGNORED" in [f.code for f in vol.issues]
+    assert vol.meta["voi"] == "none (full stored range)"
+    np.testing.assert_allclose(vol.array[..., 0], stored / 4095.0, atol=1e-6)
 
 
 def test_invalid_value_holding_identifier_not_printed(tmp_path: Path, capsys, caplog):

@@ -153,6 +153,8 @@ _HEADER_TAGS = sorted(
         "SharedFunctionalGroupsSequence",
         "PerFrameFunctionalGroupsSequence",
         "DirectoryRecordSequence",
+        "AcquisitionDateTime",
+        "ContentDate",
         *META_ALLOW_LIST,
         *_IDENTIFIER_TAGS,
         *_TIME_TAGS,
@@ -389,7 +391,9 @@ def _read_header(path: Path) -> tuple[_FileHeader | None, str | None]:
                 )
                 offset = fp.tell()
                 tail = fp.read(8)
-        except Exception:  # noqa: BLE001 - pydicom raises many types on junk; all mean skip
+        except BaseException as exc:  # pydicom raises many types on junk; all mean skip
+            if not _is_input_failure(exc):
+                raise
             return None, "unreadable DICOM header"
         has_pixels = len(tail) >= 4 and tail[:4] in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
         fm = getattr(ds, "file_meta", None)
@@ -419,6 +423,63 @@ def _check_header_size(h: _FileHeader, what: str) -> None:
     check_declared_size((cols, rows, h.n_frames * spp), max(bits, 8) / 8.0, what)
 
 
+_GRAYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+
+def _check_pixel_module(h: _FileHeader, what: str) -> None:
+    """Refuse a pixel description that cannot hold a grayscale image, before any decode.
+
+    The same rules apply whatever the transfer syntax, so one object gets one outcome
+    (pydicom unpacks some layouts, e.g. 1-bit, in some syntaxes and not others).
+    """
+    ds = h.ds
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    if rows < 1 or cols < 1:
+        raise CorruptFileError(
+            f"{what}: the header declares an empty image (Rows x Columns = {rows} x {cols}). "
+            f"{_TRUNC_FIX}",
+            code="INVALID_DIMENSIONS",
+        )
+    spp = _int(ds.get("SamplesPerPixel"), 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if (spp is not None and spp > 1) or photometric == "PALETTE COLOR":
+        raise UnsupportedInputError(
+            f"{what}: colour images (SamplesPerPixel = {spp}, a colour "
+            "PhotometricInterpretation) are not supported; medfusion reads grayscale CT, MR "
+            "and X-ray.",
+        )
+    if photometric and photometric not in _GRAYSCALE:
+        # RGB/YBR with one sample, or a string that is no PhotometricInterpretation at all:
+        # the header contradicts itself, so the meaning of the pixel values is unknown.
+        raise CorruptFileError(
+            f"{what}: PhotometricInterpretation is not a grayscale one (MONOCHROME1 or "
+            "MONOCHROME2) although the image has one sample per pixel. The header is "
+            "corrupt; re-export the image.",
+            code="INVALID_PHOTOMETRIC",
+        )
+    bits = _int(ds.get("BitsAllocated"), 16)
+    if bits not in (8, 16, 32):
+        raise UnsupportedInputError(
+            f"{what}: BitsAllocated = {bits} is not supported (bit-packed or unusual sample "
+            "size); expected 8, 16 or 32. Convert the image to a standard grayscale encoding.",
+        )
+    stored = _int(ds.get("BitsStored"), bits)
+    if stored is None or not 1 <= stored <= bits:
+        raise CorruptFileError(
+            f"{what}: BitsStored = {stored} does not fit BitsAllocated = {bits}; the pixel "
+            "values cannot be interpreted. The header is corrupt; re-export the image.",
+            code="INVALID_BITS",
+        )
+    representation = _int(ds.get("PixelRepresentation"), 0)
+    if representation not in (0, 1):
+        raise CorruptFileError(
+            f"{what}: PixelRepresentation = {representation} is neither 0 (unsigned) nor 1 "
+            "(signed). The header is corrupt; re-export the image.",
+            code="INVALID_BITS",
+        )
+
+
 def _is_enhanced(ds: Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds
 
@@ -446,13 +507,28 @@ def _header_iop(ds: Dataset) -> tuple[float, ...] | None:
     return _floats(ds.get("ImageOrientationPatient"), 6)
 
 
+def _is_decoder_panic(exc: BaseException) -> bool:
+    """A panic inside a Rust extension (pylibjpeg-rle and other pyo3 decoders raise
+    ``pyo3_runtime.PanicException``, which derives from BaseException, not Exception)."""
+    kind = type(exc)
+    return kind.__name__ == "PanicException" or kind.__module__ == "pyo3_runtime"
+
+
+def _is_input_failure(exc: BaseException) -> bool:
+    """Whether a failure inside a parser or decoder is the input's fault: any Exception or
+    a decoder panic. KeyboardInterrupt, SystemExit, GeneratorExit and other control-flow
+    BaseExceptions are never swallowed."""
+    return isinstance(exc, Exception) or _is_decoder_panic(exc)
+
+
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a public loader quietly and keep its contract on bad input.
 
     pydicom warns and logs about malformed values, sometimes quoting them (a patient name
     included), so its warnings and its logger are silenced for the call. Any exception that
-    is not a :class:`MedfusionError` becomes ``CorruptFileError`` (no other type escapes a
-    loader on bad input); the message names the exception type, never a value or path.
+    is not a :class:`MedfusionError` (a decoder panic included) becomes
+    ``CorruptFileError`` with code ``MALFORMED_DICOM`` (no other type escapes a loader on
+    bad input); the message names the exception type, never a value or path.
     """
 
     @functools.wraps(fn)
@@ -461,7 +537,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         was_disabled = logger.disabled
         logger.disabled = True
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")
                 return fn(*args, **kwargs)
         except MedfusionError:
@@ -470,10 +546,14 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise LimitExceededError(
                 "not enough memory to load the image; free memory or lower the input size.",
             ) from None
-        except Exception as exc:  # noqa: BLE001 - the contract: typed errors only
+        except BaseException as exc:
+            if not _is_input_failure(exc):
+                raise
             raise CorruptFileError(
-                f"malformed DICOM input ({type(exc).__name__} while reading). Check or "
-                "re-export the files; if they are valid, report this as a medfusion bug.",
+                f"malformed DICOM input ({type(exc).__name__}): a header value or the pixel "
+                "data is inconsistent in a way medfusion has no specific check for. Check "
+                "the files with a DICOM validator (e.g. dciodvfy) or re-export them.",
+                code="MALFORMED_DICOM",
             ) from None
         finally:
             logger.disabled = was_disabled
@@ -516,14 +596,21 @@ def scan_dicom(paths: Iterable[str | Path]) -> DicomScan:
     infos: list[SeriesInfo] = []
     for series_uid, hs in groups.items():
         infos.append(_make_info(series_uid, hs, key_source=series_uid))
-    uid_counts: dict[str, int] = {}
-    for series_uid, _h in per_file:
-        uid_counts[series_uid] = uid_counts.get(series_uid, 0) + 1
+    by_uid: dict[str, list[_FileHeader]] = {}
     for series_uid, h in per_file:
-        source = series_uid
-        if uid_counts[series_uid] > 1 or series_uid in groups:
-            source = series_uid + "/" + str(h.ds.get("SOPInstanceUID", h.path.name))
-        infos.append(_make_info(series_uid, [h], key_source=source))
+        by_uid.setdefault(series_uid, []).append(h)
+    for series_uid, hs in by_uid.items():
+        if len(hs) > 1 and all(_is_enhanced(h.ds) for h in hs) and \
+                _enhanced_time_series(hs) is not None:
+            # time points of one acquisition written as one enhanced file each: one 4D entry
+            source = series_uid if series_uid not in groups else series_uid + "/enhanced"
+            infos.append(_make_info(series_uid, hs, key_source=source))
+            continue
+        for h in hs:
+            source = series_uid
+            if len(hs) > 1 or series_uid in groups:
+                source = series_uid + "/" + str(h.ds.get("SOPInstanceUID", h.path.name))
+            infos.append(_make_info(series_uid, [h], key_source=source))
 
     infos.sort(
         key=lambda s: (
@@ -654,6 +741,44 @@ def _read_fast(h: _FileHeader, what: str) -> np.ndarray | None:
 _TRUNC_FIX = "The file is truncated or corrupt: copy it again from the source (PACS export)."
 
 
+def _require_decoder(ts: str, what: str) -> None:
+    """Refuse a compressed transfer syntax that no installed plugin can decode, before
+    decoding: only then is the answer "install the decoders" (a decoder that is installed
+    and fails on the data means corrupt pixel data, see :func:`_decode_failure`)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        available = get_decoder(ts).is_available
+    except (NotImplementedError, ValueError):
+        available = False
+    if not available:
+        raise UnsupportedEncodingError(
+            f"{what}: no decoder available for transfer syntax {_syntax_name(ts)}. "
+            f"Install the decoders with: {_INSTALL_HINT}",
+        )
+
+
+def _decode_failure(
+    exc: BaseException, what: str, ts: str, *, compressed: bool
+) -> MedfusionError:
+    """The typed error for pixel data that an available decoder could not decode."""
+    text = str(exc).lower()
+    if not compressed and any(k in text for k in ("length", "expected", "truncat", "end of")):
+        return TruncatedError(
+            f"{what}: pixel data is shorter than the header declares. {_TRUNC_FIX}",
+        )
+    if compressed:
+        return CorruptFileError(
+            f"{what}: the compressed frame(s) could not be decoded ({_syntax_name(ts)}, "
+            f"{type(exc).__name__} in the installed decoder): the pixel data is corrupt or "
+            f"does not match Rows/Columns/BitsAllocated. {_TRUNC_FIX}",
+        )
+    return CorruptFileError(
+        f"{what}: pixel data cannot be decoded ({type(exc).__name__}); it does not match "
+        f"Rows/Columns/BitsAllocated/SamplesPerPixel. {_TRUNC_FIX}",
+    )
+
+
 def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarray, bool]:
     """Full pydicom read and decode (compressed syntaxes via the pylibjpeg plugins).
 
@@ -665,7 +790,9 @@ def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarra
         try:
             ds = pydicom.dcmread(str(h.path), force=h.pixel_offset is not None and
                                  _sniff(h.path) == "raw")
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+        except BaseException as exc:  # any parse failure is a corrupt file
+            if not _is_input_failure(exc):
+                raise
             raise CorruptFileError(
                 f"{what}: the file cannot be parsed ({type(exc).__name__}). {_TRUNC_FIX}",
             ) from None
@@ -673,30 +800,14 @@ def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarra
             raise TruncatedError(f"{what}: pixel data is missing or cut off. {_TRUNC_FIX}")
         ts = h.transfer_syntax
         compressed = ts not in _UNCOMPRESSED and UID(ts).is_compressed
+        if compressed:
+            _require_decoder(ts, what)
         try:
             arr = ds.pixel_array
-        except (NotImplementedError, RuntimeError, ImportError) as exc:
-            text = str(exc).lower()
-            if "missing" in text or "no pixel data handler" in text or "plugin" in text or \
-                    "not supported" in text or "unable to decode" in text or \
-                    "no decoders" in text or isinstance(exc, NotImplementedError):
-                if compressed or "decode" in text:
-                    raise UnsupportedEncodingError(
-                        f"{what}: no decoder available for transfer syntax "
-                        f"{_syntax_name(ts)}. Install the decoders with: {_INSTALL_HINT}",
-                    ) from None
-            raise CorruptFileError(
-                f"{what}: pixel data cannot be decoded ({type(exc).__name__}). {_TRUNC_FIX}",
-            ) from None
-        except (ValueError, EOFError, KeyError, IndexError, AttributeError, TypeError) as exc:
-            text = str(exc).lower()
-            if "length" in text or "expected" in text or "truncat" in text or "end of" in text:
-                raise TruncatedError(
-                    f"{what}: pixel data is shorter than the header declares. {_TRUNC_FIX}",
-                ) from None
-            raise CorruptFileError(
-                f"{what}: pixel data cannot be decoded ({type(exc).__name__}). {_TRUNC_FIX}",
-            ) from None
+        except BaseException as exc:
+            if not _is_input_failure(exc):
+                raise
+            raise _decode_failure(exc, what, ts, compressed=compressed) from None
     pydicom_warnings = [w for w in caught if "pydicom" in (w.filename or "") or
                         "delimiter" in str(w.message).lower()]
     if any("delimiter" in str(w.message).lower() or "end of file" in str(w.message).lower()
@@ -864,12 +975,33 @@ def _slices_from_enhanced(ds: Dataset, what: str) -> list[_Slice]:
     return out
 
 
-def _finite_rescale(slices: Sequence[_Slice], what: str) -> None:
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _rescale_bound(max_stored: float, slope: float, intercept: float) -> float:
+    """The largest magnitude ``stored * slope + intercept`` can reach (float64)."""
+    return abs(slope) * max_stored + abs(intercept)
+
+
+def _finite_rescale(slices: Sequence[_Slice], what: str, max_stored: float) -> None:
+    """Refuse a rescale that makes voxels invalid: NaN/inf, a zero slope (every voxel the
+    intercept), or values past float32's range (finite in float64, inf once converted).
+    ``max_stored`` bounds the magnitude of a stored value (2 ** BitsAllocated)."""
     for s in slices:
         if not (math.isfinite(s.slope) and math.isfinite(s.intercept)):
             raise InvalidValuesError(
                 f"{what}: RescaleSlope/RescaleIntercept is NaN or infinite, so every voxel "
                 "would be invalid. Fix the header or exclude the series.",
+            )
+        if s.slope == 0.0:
+            raise InvalidValuesError(
+                f"{what}: RescaleSlope is 0, so every voxel would equal the intercept. Fix "
+                "the header or exclude the series.",
+            )
+        if _rescale_bound(max_stored, s.slope, s.intercept) > _FLOAT32_MAX / 2:
+            raise InvalidValuesError(
+                f"{what}: RescaleSlope/RescaleIntercept scale stored values beyond the float32 "
+                "range (voxels would be infinite). Fix the header or exclude the series.",
             )
 
 
@@ -959,11 +1091,7 @@ def _resample_stack(
     (row0, col0) is the output origin in slice-0 pixel units.
     """
     k, rows, cols = planes.shape
-    r_lo = int(math.floor(min(0.0, float(offsets_px[:, 0].min())) + 1e-6))
-    c_lo = int(math.floor(min(0.0, float(offsets_px[:, 1].min())) + 1e-6))
-    r_hi = int(math.ceil(max(0.0, float(offsets_px[:, 0].max())) - 1e-6)) + rows
-    c_hi = int(math.ceil(max(0.0, float(offsets_px[:, 1].max())) - 1e-6)) + cols
-    out_rows, out_cols = r_hi - r_lo, c_hi - c_lo
+    r_lo, c_lo, out_rows, out_cols = _resample_grid(offsets_px, rows, cols)
     cache: dict[int, np.ndarray] = {}
 
     def placed(idx: int) -> np.ndarray:
@@ -1026,6 +1154,79 @@ def _lps_to_ras(m: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Largest plausible extent of an image along any axis, and largest plausible distance
+#: of a position from the scanner origin. Human anatomy and scanner bores are under
+#: 2 m; beyond these the header is corrupt (and float precision and memory suffer).
+_MAX_EXTENT_MM = 10_000.0
+_MAX_POSITION_MM = 100_000.0
+#: Smallest plausible pixel spacing (1 micrometre: below any CT, MR or X-ray detector).
+_MIN_SPACING_MM = 1e-3
+#: Direction cosines written with few decimals are unit length to well within this.
+_IOP_UNIT_TOL = 0.01
+
+
+def _check_pixel_spacing(spacings: np.ndarray, what: str) -> None:
+    """Refuse PixelSpacing that would give a mirrored, singular or non-finite affine."""
+    if not np.all(np.isfinite(spacings)):
+        raise GeometryError(
+            f"{what}: PixelSpacing holds NaN or infinite values. The header is corrupt; "
+            "re-export the series.",
+            code="INVALID_PIXEL_SPACING",
+        )
+    if np.any(spacings <= 0):
+        raise GeometryError(
+            f"{what}: PixelSpacing is zero or negative (a negative spacing would mirror the "
+            "image, a zero one collapses it). The header is corrupt; re-export the series.",
+            code="INVALID_PIXEL_SPACING",
+        )
+    if np.any(spacings < _MIN_SPACING_MM):
+        raise GeometryError(
+            f"{what}: PixelSpacing of {float(spacings.min()):.3g} mm is below "
+            f"{_MIN_SPACING_MM} mm, not a physical pixel size. The header is corrupt; "
+            "re-export the series.",
+            code="INVALID_PIXEL_SPACING",
+        )
+
+
+def _check_positions(
+    ipps: np.ndarray, normal: np.ndarray, plane_mm: tuple[float, float], what: str
+) -> None:
+    """Refuse slice positions and image extents that no scanner produces (a corrupt
+    ImagePositionPatient or PixelSpacing would otherwise give a huge or non-finite grid)."""
+    if not np.all(np.isfinite(ipps)):
+        raise GeometryError(
+            f"{what}: ImagePositionPatient holds NaN or infinite values. The header is "
+            "corrupt; re-export the series.",
+            code="INVALID_POSITION",
+        )
+    if float(np.abs(ipps).max()) > _MAX_POSITION_MM:
+        raise GeometryError(
+            f"{what}: ImagePositionPatient lies {float(np.abs(ipps).max()):.3g} mm from the "
+            f"scanner origin (over {_MAX_POSITION_MM / 1000:.0f} m), not a physical position. "
+            "The header is corrupt; re-export the series.",
+            code="IMPLAUSIBLE_GEOMETRY",
+        )
+    span = float(np.linalg.norm(ipps.max(axis=0) - ipps.min(axis=0)))
+    extent = max(span, *plane_mm)
+    if extent > _MAX_EXTENT_MM:
+        raise GeometryError(
+            f"{what}: the image would extend {extent / 1000:.3g} m (slice positions or "
+            f"Rows/Columns x PixelSpacing), over the plausible {_MAX_EXTENT_MM / 1000:.0f} m. "
+            "The header is corrupt; re-export the series.",
+            code="IMPLAUSIBLE_GEOMETRY",
+        )
+
+
+def _resample_grid(offsets_px: np.ndarray, rows: int, cols: int) -> tuple[int, int, int, int]:
+    """(row0, col0, rows, cols) of :func:`_resample_stack`'s output grid for these slice
+    offsets: slice 0's lattice extended to cover every shifted slice."""
+    r_lo = int(math.floor(min(0.0, float(offsets_px[:, 0].min())) + 1e-6))
+    c_lo = int(math.floor(min(0.0, float(offsets_px[:, 1].min())) + 1e-6))
+    r_hi = int(math.ceil(max(0.0, float(offsets_px[:, 0].max())) - 1e-6)) + rows
+    c_hi = int(math.ceil(max(0.0, float(offsets_px[:, 1].max())) - 1e-6)) + cols
+    return r_lo, c_lo, r_hi - r_lo, c_hi - c_lo
+
+
 def _assemble_stack(
     slices: list[_Slice],
     read_plane: Callable[[list[int], np.ndarray], list[bool]],
@@ -1033,6 +1234,7 @@ def _assemble_stack(
     strict: bool,
     what: str,
     modality: str,
+    max_stored: float = 2.0**32,
 ) -> tuple[np.ndarray, np.ndarray, list[Finding], dict[str, Any]]:
     """Order slices in space, deduplicate, split time points, check spacing and tilt.
 
@@ -1066,6 +1268,7 @@ def _assemble_stack(
             code="INCONSISTENT_GEOMETRY",
         )
     spacings = np.asarray([s.pixel_spacing for s in slices], dtype=np.float64)
+    _check_pixel_spacing(spacings, what)
     if not np.allclose(spacings, spacings[0], rtol=1e-3, atol=1e-4):
         raise GeometryError(
             f"{what}: pixel spacing differs between slices. A series must have one pixel "
@@ -1073,6 +1276,12 @@ def _assemble_stack(
             code="INCONSISTENT_GEOMETRY",
         )
     iops = np.asarray([s.iop for s in slices], dtype=np.float64)
+    if not np.all(np.isfinite(iops)):
+        raise GeometryError(
+            f"{what}: ImageOrientationPatient holds NaN or infinite values. The header is "
+            "corrupt; re-export the series.",
+            code="INVALID_ORIENTATION",
+        )
     if not np.allclose(iops, iops[0], atol=1e-3):
         raise GeometryError(
             f"{what}: image orientation differs between slices (e.g. a localizer with "
@@ -1085,6 +1294,16 @@ def _assemble_stack(
         raise GeometryError(
             f"{what}: ImageOrientationPatient is degenerate.", code="MISSING_GEOMETRY"
         )
+    norms = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    if any(abs(n - 1.0) > _IOP_UNIT_TOL for n in norms):
+        # Direction cosines are unit vectors by definition; far from unit length the
+        # values are not cosines at all, and normalising them would invent a geometry.
+        raise GeometryError(
+            f"{what}: ImageOrientationPatient row/column vectors have lengths "
+            f"{norms[0]:.3g} and {norms[1]:.3g}, not 1 (they must be direction cosines). "
+            "The header is corrupt; re-export the series.",
+            code="INVALID_ORIENTATION",
+        )
     row /= np.linalg.norm(row)
     col /= np.linalg.norm(col)
     if abs(float(row @ col)) > 1e-3:
@@ -1095,9 +1314,10 @@ def _assemble_stack(
         )
     normal = np.cross(row, col)
     row_spacing, col_spacing = float(s0.pixel_spacing[0]), float(s0.pixel_spacing[1])
-    _finite_rescale(slices, what)
+    _finite_rescale(slices, what, max_stored)
 
     ipps = np.asarray([s.ipp for s in slices], dtype=np.float64)
+    _check_positions(ipps, normal, (s0.rows * row_spacing, s0.cols * col_spacing), what)
     dist = ipps @ normal
     order = sorted(
         range(len(slices)),
@@ -1185,6 +1405,20 @@ def _assemble_stack(
         )
 
     rows, cols = s0.rows, s0.cols
+    resample_grid: tuple[np.ndarray, float, np.ndarray] | None = None
+    if irregular or tilt_deg:
+        # The output grid grows with the slices' in-plane drift and the number of target
+        # positions: size it from the header values and check it against the limits
+        # before any pixel is read (again below, once the number of time points is known).
+        targets, step = _equalized_positions(d)
+        offsets = np.stack(
+            [((kipp - kipp[0]) @ col) / row_spacing, ((kipp - kipp[0]) @ row) / col_spacing],
+            axis=1,
+        )
+        resample_grid = (targets, step, offsets)
+        _, _, grid_rows, grid_cols = _resample_grid(offsets, rows, cols)
+        check_declared_size((grid_cols, grid_rows, len(targets)), 4,
+                            f"{what} (resampled onto a regular grid)")
     n_all = len(order)
     check_declared_size((cols, rows, n_all), 4, what)
     buf = np.empty((n_all, rows, cols), dtype=np.float32)
@@ -1256,12 +1490,11 @@ def _assemble_stack(
     lps[:3, 0] = row * col_spacing
     lps[:3, 1] = col * row_spacing
     lps[:3, 3] = kipp[0]
-    if irregular or tilt_deg:
-        targets, step = _equalized_positions(d)
-        offsets = np.stack(
-            [((kipp - kipp[0]) @ col) / row_spacing, ((kipp - kipp[0]) @ row) / col_spacing],
-            axis=1,
-        )
+    if resample_grid is not None:
+        targets, step, offsets = resample_grid
+        _, _, grid_rows, grid_cols = _resample_grid(offsets, rows, cols)
+        check_declared_size((grid_cols, grid_rows, len(targets) * t_count), 4,
+                            f"{what} (resampled onto a regular grid)")
         fill = float(planes.min())
         outs = []
         origin_px = (0, 0)
@@ -1300,7 +1533,8 @@ def _assemble_stack(
         if k_count >= 2:
             lps[:3, 2] = (kipp[-1] - kipp[0]) / (k_count - 1)
         else:
-            step = thickness if thickness and thickness > 0 else 1.0
+            plausible = thickness is not None and 0 < thickness <= _MAX_EXTENT_MM
+            step = thickness if plausible else 1.0
             lps[:3, 2] = normal * step
     # (K, T, rows, cols) -> (I, J, K, T): a transposed view (Fortran order), no copy
     arr = planes.transpose(3, 2, 0, 1)
@@ -1396,10 +1630,40 @@ def load_series(info: SeriesInfo, *, strict: bool = False) -> Volume:
         headers = match[0]._headers
     what = _series_label(info)
     if info.is_enhanced:
-        return _load_enhanced(headers[0], info, strict=strict, what=what)
-    if info.orientation == "projection":
-        return _load_projection(headers[0], info, strict=strict, what=what)
-    return _load_stack(headers, info, strict=strict, what=what)
+        volume = _load_enhanced(headers, info, strict=strict, what=what)
+    elif info.orientation == "projection":
+        _check_pixel_module(headers[0], what)
+        volume = _load_projection(headers[0], info, strict=strict, what=what)
+    else:
+        volume = _load_stack(headers, info, strict=strict, what=what)
+    return _checked_volume(volume, what)
+
+
+def _checked_volume(volume: Volume, what: str) -> Volume:
+    """The loader contract, checked last: a non-empty shape, a finite non-singular affine
+    and finite voxels. The specific checks above should make this unreachable; it stays so
+    that no future path can hand back a silently invalid volume."""
+    if volume.array.size == 0:
+        raise CorruptFileError(
+            f"{what}: the image is empty (shape {volume.shape}). {_TRUNC_FIX}",
+            code="INVALID_DIMENSIONS",
+        )
+    affine = volume.affine
+    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise GeometryError(
+            f"{what}: the voxel-to-world matrix is singular or not finite (check "
+            "PixelSpacing, ImageOrientationPatient and ImagePositionPatient). The header is "
+            "corrupt; re-export the series.",
+            code="SINGULAR_AFFINE",
+        )
+    # min and max propagate NaN and expose inf in two fast passes, without a mask array
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InvalidValuesError(
+            f"{what}: decoding and rescaling produced NaN or infinite voxels (check "
+            "RescaleSlope/RescaleIntercept). Fix the header or exclude the series.",
+        )
+    return volume
 
 
 def _is_mosaic(ds: Any) -> bool:
@@ -1495,6 +1759,7 @@ def _load_stack(
         )
     slices: list[_Slice] = []
     for n, h in enumerate(headers):
+        _check_pixel_module(h, f"{what}, file #{n + 1}")
         if h.n_frames > 1:
             raise UnsupportedInputError(
                 f"{what}: a multi-frame file without per-frame geometry cannot be stacked. "
@@ -1526,12 +1791,18 @@ def _load_stack(
         return list(compressed_zero)
 
     arr, affine, findings, extra = _assemble_stack(
-        slices, read_plane, strict=strict, what=what, modality=info.modality
+        slices, read_plane, strict=strict, what=what, modality=info.modality,
+        max_stored=max(_max_stored(h.ds) for h in headers),
     )
     meta = _meta(ds0, info)
     meta.update(extra)
     return Volume(array=arr, affine=affine, modality=info.modality, meta=meta,
                   issues=(*pre_findings, *findings))
+
+
+def _max_stored(ds: Any) -> float:
+    """An upper bound on the magnitude of a stored value (from BitsAllocated)."""
+    return 2.0 ** (_int(ds.get("BitsAllocated"), 16) or 16)
 
 
 def _is_localizer(ds: Any) -> bool:
@@ -1546,13 +1817,146 @@ def _full_header(h: _FileHeader, what: str) -> Dataset:
             warnings.simplefilter("ignore")
             return pydicom.dcmread(str(h.path), stop_before_pixels=True,
                                    force=_sniff(h.path) == "raw")
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:
+        if not _is_input_failure(exc):
+            raise
         raise CorruptFileError(
             f"{what}: the header cannot be parsed ({type(exc).__name__}). {_TRUNC_FIX}",
         ) from None
 
 
-def _load_enhanced(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
+def _dt_key(text: Any) -> tuple[int, float] | None:
+    """A DICOM DA+TM / DT string as a sortable (whole seconds digits, fraction) pair."""
+    match = re.match(r"^\s*(\d{8,14})(\.\d+)?", str(text or ""))
+    if match is None:
+        return None
+    return int(match.group(1)), float("0" + (match.group(2) or ".0"))
+
+
+def _file_time_keys(ds: Any) -> dict[str, Any]:
+    """Per-file acquisition order candidates of an enhanced file (see
+    :func:`_enhanced_time_series`)."""
+    keys: dict[str, Any] = {}
+    frame_times = []
+    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        content = item.get("FrameContentSequence")
+        if content:
+            frame_times.append(_dt_key(content[0].get("FrameAcquisitionDateTime")))
+    if frame_times and all(t is not None for t in frame_times):
+        keys["FrameAcquisitionDateTime"] = min(frame_times)  # type: ignore[type-var]
+    keys["AcquisitionDateTime"] = _dt_key(ds.get("AcquisitionDateTime"))
+    date, time = ds.get("ContentDate"), ds.get("ContentTime")
+    keys["ContentTime"] = _dt_key(f"{date}{time}") if date and time else None
+    keys["InstanceNumber"] = _int(ds.get("InstanceNumber"))
+    return keys
+
+
+def _enhanced_geometry(ds: Any) -> np.ndarray | None:
+    """Every frame's (IPP, IOP, PixelSpacing) of an enhanced file as one array (None when
+    a frame lacks them or the functional groups are malformed)."""
+    try:
+        frames = _slices_from_enhanced(ds, "enhanced file")
+    except BaseException as exc:  # a malformed file is simply not grouped; load reports it
+        if not _is_input_failure(exc):
+            raise
+        return None
+    rows = []
+    for f in frames:
+        if f.ipp is None or f.iop is None or f.pixel_spacing is None:
+            return None
+        rows.append([*f.ipp, *f.iop, *f.pixel_spacing, f.rows, f.cols])
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _enhanced_time_series(hs: Sequence[_FileHeader]) -> tuple[list[int], str] | None:
+    """For several enhanced files of one SeriesInstanceUID: their acquisition order and
+    the rule used, when they are time points of one acquisition (every frame at the same
+    position, orientation and spacing in every file, as Siemens XA writes fMRI) and one of
+    FrameAcquisitionDateTime (earliest frame), AcquisitionDateTime, ContentDate+ContentTime
+    or InstanceNumber differs between all of them; else None (the files stay separate
+    entries)."""
+    geometries = [_enhanced_geometry(h.ds) for h in hs]
+    first = geometries[0]
+    if first is None or not all(
+        g is not None and g.shape == first.shape and np.allclose(g, first, atol=1e-3)
+        for g in geometries
+    ):
+        return None
+    keys = [_file_time_keys(h.ds) for h in hs]
+    for rule in ("FrameAcquisitionDateTime", "AcquisitionDateTime", "ContentTime",
+                 "InstanceNumber"):
+        values = [k.get(rule) for k in keys]
+        if any(v is None for v in values) or len(set(values)) != len(values):
+            continue
+        return sorted(range(len(hs)), key=lambda i: values[i]), rule
+    return None
+
+
+def _load_enhanced(
+    headers: Sequence[_FileHeader], info: SeriesInfo, *, strict: bool, what: str
+) -> Volume:
+    """One enhanced multi-frame file, or several that :func:`scan_dicom` grouped as time
+    points of one acquisition (same SeriesInstanceUID, identical per-frame geometry).
+
+    Several files are stacked along T (last axis) in acquisition order: by the earliest
+    FrameAcquisitionDateTime of each file, else AcquisitionDateTime, else
+    ContentDate+ContentTime, else InstanceNumber (the first that differs between every
+    file), as dcm2niix and SimpleITK build one 4D volume. Finding ``MULTIPLE_TIME_POINTS``
+    names the rule.
+    """
+    if len(headers) == 1:
+        _check_pixel_module(headers[0], what)
+        return _load_enhanced_file(headers[0], info, strict=strict, what=what)
+    ordered = _enhanced_time_series(headers)
+    if ordered is None:
+        raise GeometryError(
+            f"{what}: the enhanced files differ in geometry or cannot be ordered in time. "
+            "Load each file on its own.",
+            code="INCONSISTENT_GEOMETRY",
+        )
+    order, rule = ordered
+    ds0 = headers[0].ds
+    total_frames = sum(h.n_frames for h in headers)
+    check_declared_size((_int(ds0.get("Columns"), 0) or 0, _int(ds0.get("Rows"), 0) or 0,
+                         total_frames), 4, what)
+    volumes: list[Volume] = []
+    for n in order:
+        label = f"{what}, file #{n + 1}"
+        _check_pixel_module(headers[n], label)
+        volumes.append(_load_enhanced_file(headers[n], info, strict=strict, what=label))
+    first = volumes[0]
+    for v in volumes[1:]:
+        if v.spatial_shape != first.spatial_shape or \
+                not np.allclose(v.affine, first.affine, atol=1e-3):
+            raise GeometryError(
+                f"{what}: the enhanced files do not share one grid. Load each file on its own.",
+                code="INCONSISTENT_GEOMETRY",
+            )
+    parts = [v.array if v.array.ndim == 4 else v.array[..., None] for v in volumes]
+    arr = np.asfortranarray(np.concatenate(parts, axis=3))
+    findings: list[Finding] = []
+    for v in volumes:
+        for f in v.issues:
+            if f.code != "MULTIPLE_TIME_POINTS" and f not in findings:
+                findings.append(f)
+    findings.append(
+        Finding(
+            "MULTIPLE_TIME_POINTS",
+            f"{len(volumes)} enhanced files of one series were stacked as {arr.shape[3]} time "
+            f"points (I, J, K, T), ordered by {rule}.",
+            {"n_time_points": int(arr.shape[3]), "n_files": len(volumes),
+             "separated_by": f"files ordered by {rule}"},
+        )
+    )
+    meta = dict(first.meta)
+    meta["t_axis"] = f"files ordered by {rule}"
+    return Volume(array=arr, affine=first.affine, modality=info.modality, meta=meta,
+                  issues=tuple(findings))
+
+
+def _load_enhanced_file(
+    h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str
+) -> Volume:
     # The scan already parsed the functional groups (top-level tags by name, sequences in
     # full): reuse them instead of parsing a large header twice.
     reusable = isinstance(h.ds, Dataset) and "PerFrameFunctionalGroupsSequence" in h.ds
@@ -1574,7 +1978,8 @@ def _load_enhanced(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str)
         return zeros
 
     arr, affine, findings, extra = _assemble_stack(
-        slices, read_plane, strict=strict, what=what, modality=info.modality
+        slices, read_plane, strict=strict, what=what, modality=info.modality,
+        max_stored=_max_stored(ds),
     )
     meta = _meta(ds, info)
     meta.update(extra)
@@ -1583,33 +1988,122 @@ def _load_enhanced(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str)
                   issues=tuple(findings))
 
 
-def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 VOI window to [0, 1]."""
+#: A window narrower than this (in output units of the modality LUT) is a threshold, not
+#: a presentation window: such a VOI is ignored rather than turned into a binary image.
+_MIN_WINDOW_WIDTH = 1e-3
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray | None:
+    """DICOM PS3.3 C.11.2.1.2 VOI window to [0, 1], computed in float64 (a tiny width must
+    not turn 0/0 into NaN). None when the window is unusable: a width that is not finite,
+    below :data:`_MIN_WINDOW_WIDTH`, or below 1 for LINEAR (the standard requires >= 1),
+    a non-finite center, or a result that is not finite."""
     function = function.upper()
+    if not (math.isfinite(center) and math.isfinite(width)) or width < _MIN_WINDOW_WIDTH:
+        return None
+    xd = x.astype(np.float64)
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
-    if function == "LINEAR_EXACT":
-        y = (x - center) / width + 0.5
+        y = 1.0 / (1.0 + np.exp(-4.0 * (xd - center) / width))
+    elif function == "LINEAR_EXACT":
+        y = (xd - center) / width + 0.5
     else:
         if width < 1:
-            width = 1.0
-        y = (x - (center - 0.5)) / (width - 1.0) + 0.5
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+            return None
+        if width == 1:  # the standard's LINEAR with width 1 is a step at center - 0.5
+            y = (xd > center - 0.5).astype(np.float64)
+        else:
+            y = (xd - (center - 0.5)) / (width - 1.0) + 0.5
+    out = np.clip(y, 0.0, 1.0).astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        return None
+    return out
+
+
+def _voi_lut(item: Any) -> tuple[np.ndarray, int, int] | None:
+    """(LUT entries, first mapped value, bits) of a VOILUTSequence item; None when the
+    item is malformed (descriptor missing or out of range, no data)."""
+    desc = _floats(item.get("LUTDescriptor"), 3)
+    if desc is None or not all(math.isfinite(v) for v in desc):
+        return None
+    n_entries, first, bits = int(desc[0]) or 65536, int(desc[1]), int(desc[2])
+    if not (0 < n_entries <= 65536 and 1 <= bits <= 16):
+        return None
+    lut_raw = item.get("LUTData")
+    if lut_raw is None:
+        return None
+    if isinstance(lut_raw, (bytes, bytearray)):
+        lut = np.frombuffer(bytes(lut_raw[: len(lut_raw) // 2 * 2]), dtype="<u2")[:n_entries]
+    else:
+        lut = np.asarray(_floats(lut_raw) or (), dtype=np.float64)[:n_entries]
+    if lut.size == 0 or not np.all(np.isfinite(lut)):
+        return None
+    return lut.astype(np.float32), first, bits
+
+
+def _projection_spacing(
+    ds: Any, shape_rc: tuple[int, int], what: str
+) -> tuple[tuple[float, float], list[Finding], str]:
+    """Pixel spacing of a radiograph: PixelSpacing, else ImagerPixelSpacing, else 1 mm.
+
+    Absent or all-zero values (written by some devices for "unknown") fall through to the
+    next source with a finding; a present PixelSpacing that is negative, non-finite,
+    implausibly small or large is refused (``INVALID_PIXEL_SPACING``), as for a series.
+    """
+
+    pixel = _floats(ds.get("PixelSpacing"), 2)
+    imager = _floats(ds.get("ImagerPixelSpacing"), 2)
+    findings: list[Finding] = []
+    if pixel is not None and any(v != 0 for v in pixel):
+        _check_pixel_spacing(np.asarray([pixel], dtype=np.float64), what)
+        chosen, source = pixel, "PixelSpacing"
+    elif imager is not None and all(math.isfinite(v) and v >= _MIN_SPACING_MM for v in imager):
+        chosen, source = imager, "ImagerPixelSpacing"
+        findings.append(Finding(
+            "IMAGER_PIXEL_SPACING",
+            "PixelSpacing absent; ImagerPixelSpacing (at the detector, not corrected for "
+            "magnification) was used.",
+            {},
+        ))
+    else:
+        chosen, source = (1.0, 1.0), "none"
+        findings.append(Finding("NO_PIXEL_SPACING",
+                                "no pixel spacing in the header; 1 mm assumed.", {}))
+    extent = max(shape_rc[0] * chosen[0], shape_rc[1] * chosen[1])
+    if extent > _MAX_EXTENT_MM:
+        raise GeometryError(
+            f"{what}: the image would extend {extent / 1000:.3g} m (Rows/Columns x "
+            f"{source}), over the plausible {_MAX_EXTENT_MM / 1000:.0f} m. The header is "
+            "corrupt; re-export the image.",
+            code="IMPLAUSIBLE_GEOMETRY",
+        )
+    return (float(chosen[0]), float(chosen[1])), findings, source
 
 
 def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
     """A radiograph: modality LUT, VOI (LUT, else window, else full stored range) to
-    [0, 1], then MONOCHROME1 inverted so that dense is bright. K = 1; frames go to T."""
+    [0, 1], then MONOCHROME1 inverted so that dense is bright. K = 1; frames go to T.
+
+    A malformed VOI LUT or an unusable window (see :func:`_window`) is ignored with a
+    ``VOI_IGNORED`` finding and the next VOI source is used."""
     ds = h.ds
     findings: list[Finding] = []
-    stored, compressed = _read_stored(h, what, strict=strict)
-    frames = stored.astype(np.float32)
     slope = _float(ds.get("RescaleSlope"), 1.0) or 1.0
     intercept = _float(ds.get("RescaleIntercept"), 0.0) or 0.0
     if not (math.isfinite(slope) and math.isfinite(intercept)):
         raise InvalidValuesError(
             f"{what}: RescaleSlope/RescaleIntercept is NaN or infinite. Fix the header.",
         )
+    if _rescale_bound(_max_stored(ds), slope, intercept) > _FLOAT32_MAX / 2:
+        raise InvalidValuesError(
+            f"{what}: RescaleSlope/RescaleIntercept scale stored values beyond the float32 "
+            "range (voxels would be infinite). Fix the header.",
+        )
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    spacing, spacing_findings, spacing_source = _projection_spacing(ds, (rows, cols), what)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").upper()
+    stored, compressed = _read_stored(h, what, strict=strict)
+    frames = stored.astype(np.float32)
     if compressed:
         zeros = [f for f in range(stored.shape[0]) if not stored[f].any()]
         if zeros:
@@ -1620,37 +2114,45 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
     voi_seq = ds.get("VOILUTSequence")
     centers = _floats(ds.get("WindowCenter"))
     widths = _floats(ds.get("WindowWidth"))
+    voi: np.ndarray | None = None
     if voi_seq:
-        item = voi_seq[0]
-        desc = [int(v) for v in item.LUTDescriptor]
-        n_entries = desc[0] or 65536
-        first = desc[1]
-        bits = desc[2]
-        lut_raw = item.get("LUTData")
-        if isinstance(lut_raw, (bytes, bytearray)):
-            lut = np.frombuffer(lut_raw, dtype="<u2" if bits > 8 else "<u2")[:n_entries]
+        lut_spec = _voi_lut(voi_seq[0])
+        if lut_spec is None:
+            findings.append(Finding(
+                "VOI_IGNORED",
+                "the VOI LUT is malformed (descriptor or data missing or out of range) and "
+                "was ignored; the next VOI source was used.",
+                {"source": "VOILUTSequence"},
+            ))
         else:
-            lut = np.asarray(lut_raw, dtype=np.float64)[:n_entries]
-        lut = lut.astype(np.float32)
-        index = np.clip(np.rint(values - first), 0, len(lut) - 1).astype(np.int64)
-        values = lut[index] / np.float32((1 << bits) - 1 if bits > 0 else 1)
-        meta_extra["voi"] = "lut"
-    elif centers and widths and math.isfinite(centers[0]) and math.isfinite(widths[0]) \
-            and widths[0] > 0:
+            lut, first, bits = lut_spec
+            index = np.clip(np.rint(values - first), 0, len(lut) - 1).astype(np.int64)
+            voi = lut[index] / np.float32((1 << bits) - 1)
+            meta_extra["voi"] = "lut"
+    if voi is None and centers and widths:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
-        values = _window(values, centers[0], widths[0], function)
-        meta_extra["voi"] = "window"
-        meta_extra["window"] = [centers[0], widths[0]]
-    else:
+        voi = _window(values, centers[0], widths[0], function)
+        if voi is None:
+            findings.append(Finding(
+                "VOI_IGNORED",
+                "the VOI window (WindowCenter/WindowWidth) is unusable (not finite, or "
+                "narrower than the VOI function allows) and was ignored; the full stored "
+                "range was used.",
+                {"source": "WindowCenter/WindowWidth"},
+            ))
+        else:
+            meta_extra["voi"] = "window"
+            meta_extra["window"] = [centers[0], widths[0]]
+    if voi is None:
         bits_stored = _int(ds.get("BitsStored"), 16) or 16
         signed = (_int(ds.get("PixelRepresentation"), 0) or 0) == 1
         lo = -(1 << (bits_stored - 1)) if signed else 0
         hi = (1 << (bits_stored - 1)) - 1 if signed else (1 << bits_stored) - 1
         a, b = lo * slope + intercept, hi * slope + intercept
         lo_v, hi_v = min(a, b), max(a, b)
-        values = np.clip((values - lo_v) / max(hi_v - lo_v, 1e-12), 0.0, 1.0).astype(np.float32)
+        voi = np.clip((values - lo_v) / max(hi_v - lo_v, 1e-12), 0.0, 1.0).astype(np.float32)
         meta_extra["voi"] = "none (full stored range)"
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    values = voi
     if photometric == "MONOCHROME1":
         values = np.float32(1.0) - values
         findings.append(
@@ -1666,27 +2168,8 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
             f"{what}: PhotometricInterpretation {photometric} is not supported for "
             "radiographs; expected MONOCHROME1 or MONOCHROME2.",
         )
-    spacing = _floats(ds.get("PixelSpacing"), 2)
-    if spacing is None or min(spacing) <= 0:
-        spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
-        if spacing is not None and min(spacing) > 0:
-            findings.append(
-                Finding(
-                    "IMAGER_PIXEL_SPACING",
-                    "PixelSpacing absent; ImagerPixelSpacing (at the detector, not corrected "
-                    "for magnification) was used.",
-                    {},
-                )
-            )
-            meta_extra["spacing_source"] = "ImagerPixelSpacing"
-        else:
-            spacing = (1.0, 1.0)
-            findings.append(
-                Finding("NO_PIXEL_SPACING", "no pixel spacing in the header; 1 mm assumed.", {})
-            )
-            meta_extra["spacing_source"] = "none"
-    else:
-        meta_extra["spacing_source"] = "PixelSpacing"
+    findings.extend(spacing_findings)
+    meta_extra["spacing_source"] = spacing_source
     row_spacing, col_spacing = float(spacing[0]), float(spacing[1])
     # Projection convention: i runs to the patient's left, j downwards (towards the feet),
     # k is the (unit) beam axis; there is no patient position for a radiograph.
