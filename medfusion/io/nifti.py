@@ -66,6 +66,8 @@ _CHUNK = 16 * 1024 * 1024
 _MAX_VOX_OFFSET = 64 * 1024 * 1024
 # qform is stored as float32 quaternions: allow their rounding, flag real disagreement.
 _QS_RTOL, _QS_ATOL_MM = 1e-4, 1e-3
+# No scanner grid has a voxel or an origin 10 km away; beyond it the header is corrupt.
+_MAX_COORD_MM = 1e7
 _SHEAR_TOL = 1e-4  # |cos| between axis directions beyond which the grid is sheared
 _MODALITY_WORDS = (
     (re.compile(r"\bCT\b", re.I), "CT"),
@@ -338,6 +340,13 @@ def _choose_affine(
             f"{what}: the {source} affine is singular or not finite (a zero voxel size?). "
             "Re-export the image with valid geometry."
         )
+    if float(np.max(np.abs(affine))) > _MAX_COORD_MM:
+        # Finite but absurd (a corrupt double in a NIfTI-2 header): spacing would overflow.
+        raise GeometryError(
+            f"{what}: the {source} affine holds a voxel size or position beyond "
+            f"{_MAX_COORD_MM:g} mm; the header is corrupt. Re-export the image with valid "
+            "geometry."
+        )
     norms = np.linalg.norm(rot, axis=0)
     cosines = (rot / norms).T @ (rot / norms)
     shear = float(np.max(np.abs(cosines - np.eye(3))))
@@ -386,6 +395,13 @@ def _scaling(header: Any, what: str) -> tuple[float, float, list[Finding]]:
     return slope, inter, []
 
 
+def _time_unit(header: Any) -> str:
+    try:
+        return str(header.get_xyzt_units()[1])
+    except KeyError:  # a unit code NIfTI does not define: informative only, not refused
+        return "unknown"
+
+
 def _modality(header: Any) -> str:
     text = " ".join(
         bytes(header[field]).split(b"\x00")[0].decode("latin-1", "replace")
@@ -403,10 +419,15 @@ def _read_checked(
     """:func:`_read_up_to` with every stream failure mapped to a typed error."""
     try:
         _read_up_to(stream, n, into)
-    except (EOFError, OSError, ValueError, RuntimeError) as exc:
-        # gzip/zlib/isal raise these (and their subclasses) for a damaged or cut stream.
+    except OSError as exc:
         if not compressed:
             raise _unreadable(what, exc) from exc
+        raise _stream_error(exc, what) from exc  # gzip's BadGzipFile is an OSError
+    except Exception as exc:
+        if not compressed:
+            raise
+        # A damaged deflate stream raises the decompressor's own type (zlib.error,
+        # isal's IsalError, EOFError...), none of them a shared base below Exception.
         raise _stream_error(exc, what) from exc
 
 
@@ -533,7 +554,7 @@ def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
         step = float(pixdim[4])
         meta["n_timepoints"] = int(shape[3])
         meta["time_step"] = step if math.isfinite(step) else None  # JSON has no NaN
-        meta["time_unit"] = str(header.get_xyzt_units()[1])
+        meta["time_unit"] = _time_unit(header)
     return Volume(
         array=array,
         affine=affine,
