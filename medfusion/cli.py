@@ -70,12 +70,16 @@ def train(
     out: Path = typer.Option(..., "--out", help="Model folder to write (model.json + weights)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same model)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Replace the package files in a non-empty --out (other files are kept)."),
 ) -> None:
     """Train a fusion model from a recipe and a manifest into a model package."""
     from medfusion.training.trainer import train as train_model
 
     try:
-        path = train_model(recipe, manifest, out, seed=seed, progress=not quiet)
+        path = train_model(recipe, manifest, out, seed=seed, progress=not quiet,
+                           overwrite=overwrite)
     except MedfusionError as error:
         _fail(error)
         return

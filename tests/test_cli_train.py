@@ -42,6 +42,26 @@ def test_train_then_predict(tmp_path: Path) -> None:
     assert {"study_id", "predicted", "prob_normal", "prob_abnormal"} <= set(rows[0])
     assert all(r["predicted"] in ("normal", "abnormal") for r in rows)
 
+    # Training again into the same folder is refused before any work, the model untouched;
+    # --overwrite replaces the package files and keeps the user's own files.
+    card = (tmp_path / "model" / "model.json").read_bytes()
+    (tmp_path / "model" / "my_notes.txt").write_text("keep me")
+    args = ["train", str(tmp_path / "recipe.yaml"), "--manifest",
+            str(tmp_path / "c" / "manifest.csv"), "--out", str(tmp_path / "model"), "--quiet"]
+    refused = runner.invoke(app, [*args, "--seed", "3"])
+    assert refused.exit_code == 1 and "OUTPUT_EXISTS" in refused.output
+    assert "--overwrite" in refused.output
+    assert (tmp_path / "model" / "model.json").read_bytes() == card
+    replaced = runner.invoke(app, [*args, "--seed", "3", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (tmp_path / "model" / "model.json").read_bytes() != card
+    assert (tmp_path / "model" / "my_notes.txt").read_text() == "keep me"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("x\n")
+    refused = runner.invoke(app, [*args[:-3], "--out", str(other), "--quiet"])
+    assert refused.exit_code == 1 and "OUTPUT_EXISTS" in refused.output
+
 
 def test_bad_recipe_is_one_clean_error_line(tmp_path: Path) -> None:
     (tmp_path / "recipe.yaml").write_text("labels: [a, b]\nmodalities: {ct: {}}\nlr: 3\n")

@@ -33,6 +33,7 @@ from medfusion.errors import ManifestError, OutputError
 from medfusion.training.dataset import PreparedCache, PreparedDataset, build_dataset
 from medfusion.training.manifest import assign_splits, read_manifest
 from medfusion.training.recipe import Recipe, load_recipe
+from medfusion.uncertainty.domain import InputDomain
 
 log = logging.getLogger("medfusion.training")
 
@@ -534,12 +535,14 @@ def _progress(enabled: bool) -> Any:
 
 def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
           out: str | Path, *, seed: int = 0, progress: bool = True,
-          cache_dir: str | Path | None = None) -> Path:
+          cache_dir: str | Path | None = None, overwrite: bool = False) -> Path:
     """Train a model from ``recipe`` on ``manifest`` and write its package to ``out``.
 
     Returns the package folder. Raises RecipeError / ManifestError on bad input (see
     docs/training.md); studies whose files fail to load are skipped, logged and counted in
-    the card (``training.skipped``).
+    the card (``training.skipped``). ``out`` must be absent or empty (``OUTPUT_EXISTS``
+    otherwise, before any work) unless ``overwrite``: then the package files are replaced
+    and nothing else in the folder is touched.
     """
     from medfusion.models.fusion_model import FusionModel, run_net
     from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig
@@ -551,6 +554,7 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
     manifest = Path(manifest)
     out = Path(out)
     rows = read_manifest(manifest, rec)
+    _check_output_folder(out, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write_test").touch()
@@ -664,6 +668,7 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
             },
             "metrics": {},
             "calibration": None,
+            "input_domain": _input_domain(data, train_idx, rec).to_dict(),
         }
         # A first, uncalibrated model gives the raw probabilities to calibrate on.
         model = FusionModel.from_parts(card, tensors)
@@ -698,6 +703,34 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
                                 sort_keys=True) + "\n")
     save_package(out, card=card, tensors=tensors)
     return out
+
+
+def _check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to write a package over anything, unless told to (and even then only the
+    package's own files are replaced)."""
+    if overwrite or not out.is_dir():
+        return
+    try:
+        occupied = any(out.iterdir())
+    except OSError:
+        raise OutputError("The model folder cannot be read: choose a writable --out folder."
+                          ) from None
+    if occupied:
+        what = "a model package" if (out / "model.json").exists() else "files"
+        raise OutputError(
+            f"The model folder already holds {what}; choose a new --out folder, or pass "
+            "--overwrite to replace the package files in it (other files are kept).",
+            code="OUTPUT_EXISTS",
+        )
+
+
+def _input_domain(data: PreparedDataset, train_idx: np.ndarray, rec: Recipe) -> InputDomain:
+    """The acquisition and clinical ranges of the training split (uncertainty.domain)."""
+    role_quantities = {
+        role: [q for i in train_idx if (q := data.quantities.get(role, [])[i]) is not None]
+        for role in rec.roles}
+    numeric = [c for c, spec in rec.clinical.items() if spec.get("type", "numeric") == "numeric"]
+    return InputDomain.fit(role_quantities, [data.clinical_rows[i] for i in train_idx], numeric)
 
 
 def _calibrate(raw_probs: np.ndarray, y: np.ndarray, role_shifts: list[dict[str, float]]
