@@ -43,6 +43,7 @@ from medfusion.errors import (
     OutputError,
 )
 from medfusion.types import Prediction, Study, Volume
+from medfusion.uncertainty.domain import InputDomain, is_input_range_flag
 from medfusion.uncertainty.shift import FLAG_OOD
 
 log = logging.getLogger("medfusion.models")
@@ -235,6 +236,16 @@ class FusionModel:
                 from medfusion.uncertainty.shift import ShiftReference
 
                 self.shift_reference = ShiftReference.from_dict(calibration["shift"])
+        # Packages trained before the input domain was recorded have none: no range check.
+        self.input_domain: InputDomain | None = None
+        if card.get("input_domain"):
+            try:
+                self.input_domain = InputDomain.from_dict(card["input_domain"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelPackageError(
+                    f"model.json has an unreadable input_domain ({type(exc).__name__}); "
+                    "re-train the model with this version of medfusion."
+                ) from None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -307,7 +318,15 @@ class FusionModel:
                 f"the study has none of the modalities this model was trained on "
                 f"({', '.join(self.modalities)}); give at least one of them."
             )
-        flags = tuple(f"ROLE_NOT_USED:{r}" for r in sorted(study.volumes) if r not in self.roles)
+        flags = [f"ROLE_NOT_USED:{r}" for r in sorted(study.volumes) if r not in self.roles]
+        if self.input_domain is not None:
+            # Outside the acquisition or clinical range of the training split: the model has
+            # never seen such an input, whatever its encoders make of it (uncertainty.domain).
+            for role in self.roles:
+                if role in study.volumes:
+                    flags += self.input_domain.check_volume(role, study.volumes[role])
+            if self.preprocessor is not None:
+                flags += self.input_domain.check_clinical(record)
         return PreparedInputs(
             study_key=study.key,
             modalities=self.modalities,
@@ -316,7 +335,7 @@ class FusionModel:
             clinical=clinical,
             prepared=prepared,
             sources=sources,
-            flags=flags,
+            flags=tuple(flags),
         )
 
     # -- probabilities -----------------------------------------------------------------------
@@ -396,9 +415,12 @@ class FusionModel:
                 mod_weights = {m: float(weights[i, j]) for j, m in enumerate(self.modalities)
                                if prep.present[j]}
             pset = None if sets is None else tuple(self.labels[k] for k in sets[i])
-            if pset is not None and trust.flags and FLAG_OOD in trust.flags[i]:
+            out_of_range = any(is_input_range_flag(f) for f in prep.flags)
+            if pset is not None and (out_of_range
+                                     or (trust.flags and FLAG_OOD in trust.flags[i])):
                 # Conformal sets assume a study exchangeable with the calibration studies;
-                # one beyond their feature-shift range has failed that test: no commitment.
+                # one beyond their feature-shift range, or outside the acquisition range of
+                # the training split, has failed that test: no commitment.
                 pset = tuple(self.labels)
             explanation = self._explain(prep, top) if explain else None
             out.append(Prediction(
@@ -413,7 +435,7 @@ class FusionModel:
                 mutual_info=uncertainty["mutual_info"][i],
                 prob_std=uncertainty["prob_std"][i],
                 prediction_set=pset,
-                abstain=None if pset is None else len(pset) != 1,
+                abstain=True if out_of_range else (None if pset is None else len(pset) != 1),
                 shapley=trust.shapley[i],
                 explanation=explanation,
                 flags=(*prep.flags, *(trust.flags[i] if trust.flags else ())),

@@ -26,6 +26,7 @@ from medfusion.atomic import atomic_open
 from medfusion.errors import MedfusionError
 from medfusion.training.manifest import ManifestRow
 from medfusion.training.recipe import Recipe
+from medfusion.uncertainty.domain import volume_quantities
 
 log = logging.getLogger("medfusion.training")
 
@@ -78,6 +79,28 @@ class PreparedCache:
         except (OSError, ValueError):
             return None  # a damaged cache entry is simply recomputed
 
+    def get_quantities(self, key: str) -> dict[str, float] | None:
+        """The cached acquisition quantities of an input (see uncertainty.domain)."""
+        if self.directory is None:
+            return None
+        target = self.directory / f"{key}.quantities.json"
+        try:
+            data = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+    def put_quantities(self, key: str, quantities: Mapping[str, float]) -> None:
+        if self.directory is None:
+            return
+        try:
+            with atomic_open(self.directory / f"{key}.quantities.json", "w") as handle:
+                json.dump(dict(quantities), handle, sort_keys=True)
+        except OSError:
+            log.warning("could not write a prepared-input cache entry; continuing without it")
+
     def put(self, key: str, array: np.ndarray) -> None:
         if self.directory is None:
             return
@@ -96,18 +119,23 @@ def load_input_volume(path: Path) -> Any:
     return load_volume(path)
 
 
-def prepare_input(path: Path, spec: Any, cache: PreparedCache) -> np.ndarray:
-    """One role input as the model tensor (1, I, J, K) float32, cached."""
+def prepare_input(path: Path, spec: Any, cache: PreparedCache
+                  ) -> tuple[np.ndarray, dict[str, float]]:
+    """One role input as the model tensor (1, I, J, K) float32 and the acquisition
+    quantities of the volume as loaded (for the package's input domain), both cached."""
     from medfusion.preprocess import prepare_volume, to_tensor_input
 
     key = cache_key(path, spec.to_dict())
     hit = cache.get(key)
-    if hit is not None:
-        return hit
+    quantities = cache.get_quantities(key)
+    if hit is not None and quantities is not None:
+        return hit, quantities
     volume = load_input_volume(path)
+    quantities = volume_quantities(volume)
     tensor = np.asarray(to_tensor_input(prepare_volume(volume, spec)), dtype=np.float32)
     cache.put(key, tensor)
-    return tensor
+    cache.put_quantities(key, quantities)
+    return tensor, quantities
 
 
 @dataclass
@@ -126,6 +154,8 @@ class PreparedDataset:
     labels: np.ndarray
     clinical_rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    #: ``quantities[role][i]``: acquisition quantities of row i's input (None when absent)
+    quantities: dict[str, list[dict[str, float] | None]] = field(default_factory=dict)
 
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
@@ -146,14 +176,18 @@ def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Re
     kept_rows: list[ManifestRow] = []
     kept_splits: list[str] = []
     per_role: dict[str, list[np.ndarray | None]] = {role: [] for role in recipe.roles}
+    per_role_quantities: dict[str, list[dict[str, float] | None]] = {
+        role: [] for role in recipe.roles}
     present: list[list[bool]] = []
     skipped: dict[str, int] = {}
     for n, (row, split) in enumerate(zip(rows, splits, strict=False)):
         tensors: dict[str, np.ndarray | None] = {}
+        quantities: dict[str, dict[str, float] | None] = {}
         try:
             for role in recipe.roles:
                 path = row.paths.get(role)
-                tensors[role] = None if path is None else prepare_input(path, specs[role], cache)
+                tensors[role], quantities[role] = (
+                    (None, None) if path is None else prepare_input(path, specs[role], cache))
         except MedfusionError as exc:
             log.warning("skipping manifest line %d: %s input failed (%s)", row.line, role,
                         exc.code)
@@ -171,6 +205,7 @@ def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Re
         present.append(mask)
         for role in recipe.roles:
             per_role[role].append(tensors[role])
+            per_role_quantities[role].append(quantities[role])
         if on_progress is not None:
             on_progress(n + 1, len(rows))
     images: dict[str, np.ndarray] = {}
@@ -195,4 +230,5 @@ def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Re
         labels=labels,
         clinical_rows=[dict(r.clinical or {}) for r in kept_rows],
         skipped=skipped,
+        quantities=per_role_quantities,
     )
