@@ -4,7 +4,9 @@
 and affine (sform and qform both set, code 1 "scanner"), float32 in [0, 1], with an empty
 description: no identifier in the header. ``<role>.png`` shows axial slices around the
 peak in radiological display (patient's right on the image's left, anterior up), over the
-source image when given. Files are written atomically (temporary file, then rename).
+source image when given; a radiograph (K = 1) is one 2D panel instead, as stored (first
+row at the top, first column on the left, as a DICOM viewer shows it), pixels drawn to
+scale from the pixel spacing. Files are written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -75,21 +77,107 @@ def _display_slices(volume: Volume) -> np.ndarray:
     return nib.orientations.apply_orientation(np.asarray(volume.array[..., :]), ornt)
 
 
+#: long side of a radiograph's PNG panel, in pixels
+PLANAR_LONG_SIDE = 512
+_PNG_DPI = 80
+
+
+def is_planar(volume: Volume) -> bool:
+    """A 2D image stored with K == 1 (a radiograph): drawn as one panel, not axial slices
+    (an axial slice of it would be one pixel high)."""
+    i, j, k = volume.spatial_shape
+    return k == 1 and i > 1 and j > 1
+
+
+def _background_array(saliency: Volume, background: Volume | None) -> np.ndarray | None:
+    """The source image (first time point / frame) when it lies on the map's grid."""
+    if background is None:
+        return None
+    arr = np.asarray(background.array, dtype=np.float32)
+    if arr.ndim == 4:
+        arr = arr[..., 0]
+    if arr.shape != saliency.spatial_shape:
+        return None
+    return arr
+
+
+def _gray_limits(image: np.ndarray) -> tuple[float, float]:
+    finite = image[np.isfinite(image)]
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def _save(fig: object, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=_PNG_DPI,  # type: ignore[attr-defined]
+                        metadata={"Software": None})
+    finally:
+        plt.close(fig)  # type: ignore[arg-type]
+
+
+def _planar_size(saliency: Volume) -> tuple[int, int]:
+    """(width, height) in PNG pixels: the physical aspect (columns x column spacing by rows
+    x row spacing), long side :data:`PLANAR_LONG_SIDE`."""
+    n_i, n_j, _ = saliency.spatial_shape
+    s_i, s_j, _ = saliency.spacing
+    width_mm, height_mm = n_i * s_i, n_j * s_j
+    scale = PLANAR_LONG_SIDE / max(width_mm, height_mm)
+    return max(1, int(round(width_mm * scale))), max(1, int(round(height_mm * scale)))
+
+
+def _write_planar_png(saliency: Volume, background: Volume | None, path: Path,
+                      role: str) -> None:
+    """One panel: the radiograph in gray, the map over it. Array axis i is the DICOM column
+    (left to right), j the row (top to bottom), so the image is ``array[:, :, 0].T``. The
+    panel fills the whole figure, so the PNG's pixels map linearly onto the image's."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    width, height = _planar_size(saliency)
+    sal = np.asarray(saliency.array, dtype=np.float32)[:, :, 0].T
+    bg = _background_array(saliency, background)
+    fig = plt.figure(figsize=(width / _PNG_DPI, height / _PNG_DPI), dpi=_PNG_DPI)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    # the figure has the image's physical aspect; stretching the image over all of it draws
+    # every pixel in proportion to its spacing (a non-square spacing keeps its true shape)
+    extent = (0.0, 1.0, 1.0, 0.0)
+    if bg is not None:
+        b = bg[:, :, 0].T
+        lo, hi = _gray_limits(b)
+        ax.imshow(b, cmap="gray", vmin=lo, vmax=hi, extent=extent, aspect="auto",
+                  interpolation="antialiased")
+    ax.imshow(sal, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45 if bg is not None else 1.0,
+              extent=extent, aspect="auto", interpolation="antialiased")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(1.0, 0.0)
+    ax.axis("off")
+    ax.text(0.01, 0.99, role, transform=ax.transAxes, color="white", fontsize=8,
+            va="top", ha="left", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.5,
+                                       "linewidth": 0})
+    _save(fig, path)
+
+
 def _write_png(saliency: Volume, background: Volume | None, path: Path, role: str,
                n_slices: int = 5) -> None:
+    if is_planar(saliency):
+        _write_planar_png(saliency, background, path, role)
+        return
+
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     sal = _display_slices(saliency)
+    bg_arr = _background_array(saliency, background)
     bg = None
-    if background is not None:
-        arr = np.asarray(background.array, dtype=np.float32)
-        if arr.ndim == 4:
-            arr = arr[..., 0]
-        if arr.shape == saliency.spatial_shape:
-            bg = _display_slices(Volume(array=arr, affine=background.affine))
+    if bg_arr is not None and background is not None:
+        bg = _display_slices(Volume(array=bg_arr, affine=background.affine))
     depth = sal.shape[2]
     peak_k = int(np.unravel_index(int(np.argmax(sal)), sal.shape)[2])
     half = n_slices // 2
@@ -101,19 +189,14 @@ def _write_png(saliency: Volume, background: Volume | None, path: Path, role: st
         # rows anterior->posterior, columns patient right->left.
         if bg is not None:
             b = bg[:, :, k]
-            lo, hi = np.percentile(b, [1, 99]) if b.size else (0.0, 1.0)
-            ax.imshow(b[::-1, ::-1].T, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
+            lo, hi = _gray_limits(b)
+            ax.imshow(b[::-1, ::-1].T, cmap="gray", vmin=lo, vmax=hi)
         ax.imshow(sal[::-1, ::-1, k].T, cmap="jet", vmin=0.0, vmax=1.0,
                   alpha=0.45 if bg is not None else 1.0)
         ax.set_title(f"{role} axial {k}", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
-    finally:
-        plt.close(fig)
+    _save(fig, path)
 
 
 def write_explanation(
