@@ -14,12 +14,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medfusion.atomic import atomic_path
 from medfusion.errors import ExplanationError, OutputError, UnsafePathError
 from medfusion.types import Explanation, Volume
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # a study id becomes one folder name: letters, digits, dot, dash, underscore; no "." / ".."
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -107,15 +111,14 @@ def _gray_limits(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1e-6))
 
 
-def _save(fig: object, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=_PNG_DPI,  # type: ignore[attr-defined]
-                        metadata={"Software": None})
+            fig.savefig(tmp, format="png", dpi=_PNG_DPI, metadata={"Software": None})
     finally:
-        plt.close(fig)  # type: ignore[arg-type]
+        plt.close(fig)
 
 
 def _planar_size(saliency: Volume) -> tuple[int, int]:
