@@ -391,6 +391,11 @@ def _read_header(path: Path) -> tuple[_FileHeader | None, str | None]:
                 )
                 offset = fp.tell()
                 tail = fp.read(8)
+                # pydicom converts values lazily: convert every element now, so that a
+                # corrupt VR or value makes the header unreadable here (a skip with its
+                # reason) instead of failing later inside a loader
+                for _elem in ds.iterall():
+                    pass
         except BaseException as exc:  # pydicom raises many types on junk; all mean skip
             if not _is_input_failure(exc):
                 raise
@@ -729,6 +734,7 @@ def _read_fast(h: _FileHeader, what: str) -> np.ndarray | None:
                 f"{what}: pixel data holds {length} bytes, the header declares {expected}. "
                 f"{_TRUNC_FIX}",
             )
+        _check_excess_pixels(length, expected, what)
         buf = fp.read(expected)
     if len(buf) < expected:
         raise TruncatedError(
@@ -738,7 +744,36 @@ def _read_fast(h: _FileHeader, what: str) -> np.ndarray | None:
     return _mask_bits(arr, ds)
 
 
+def _check_excess_pixels(length: int, expected: int, what: str) -> None:
+    """Uncompressed pixel data longer than Rows x Columns x frames x bytes (plus the one
+    padding byte to an even length) means those tags do not describe the data: reading
+    only the declared bytes would return a cropped or sheared image."""
+    if length > expected + (expected & 1):
+        raise CorruptFileError(
+            f"{what}: pixel data holds {length} bytes but Rows x Columns x NumberOfFrames x "
+            f"BitsAllocated declare {expected}; the header does not describe the data. "
+            "The header is corrupt; re-export the image.",
+            code="PIXEL_LENGTH_MISMATCH",
+        )
+
+
 _TRUNC_FIX = "The file is truncated or corrupt: copy it again from the source (PACS export)."
+
+
+def _is_compressed_syntax(ts: str, what: str) -> bool:
+    """Whether a transfer syntax encapsulates compressed frames; a UID that is no known
+    transfer syntax (a private one, or a corrupted file meta header) is refused."""
+    if ts in _UNCOMPRESSED:
+        return False
+    uid = UID(ts)
+    if not uid.is_transfer_syntax or uid not in pydicom.uid.AllTransferSyntaxes:
+        raise UnsupportedEncodingError(
+            f"{what}: the file meta header declares a transfer syntax that is not a standard "
+            "DICOM one (a private syntax or a corrupted header), so the pixel data cannot "
+            "be decoded. Re-export the image with a standard transfer syntax.",
+            code="UNKNOWN_TRANSFER_SYNTAX",
+        )
+    return bool(uid.is_compressed)
 
 
 def _require_decoder(ts: str, what: str) -> None:
@@ -799,7 +834,7 @@ def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarra
         if "PixelData" not in ds:
             raise TruncatedError(f"{what}: pixel data is missing or cut off. {_TRUNC_FIX}")
         ts = h.transfer_syntax
-        compressed = ts not in _UNCOMPRESSED and UID(ts).is_compressed
+        compressed = _is_compressed_syntax(ts, what)
         if compressed:
             _require_decoder(ts, what)
         try:
@@ -823,6 +858,11 @@ def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarra
             f"{what}: pydicom reported a malformed element while reading "
             f"({len(pydicom_warnings)} warning(s)). Fix the file or load without strict=True.",
         )
+    if not compressed:
+        bits = _int(ds.get("BitsAllocated"), 16) or 16
+        expected = ((_int(ds.get("Rows"), 0) or 0) * (_int(ds.get("Columns"), 0) or 0)
+                    * h.n_frames * (_int(ds.get("SamplesPerPixel"), 1) or 1) * bits + 7) // 8
+        _check_excess_pixels(len(ds.PixelData), expected, what)
     arr = np.asarray(arr)
     spp = _int(ds.get("SamplesPerPixel"), 1) or 1
     if spp != 1:
@@ -1672,6 +1712,36 @@ def _is_mosaic(ds: Any) -> bool:
     return "MOSAIC" in [str(v).upper() for v in values]
 
 
+def _full_dataset(h: _FileHeader, what: str) -> Dataset:
+    """The whole file (pixel data included) parsed by pydicom; CORRUPT when unparsable."""
+    try:
+        return pydicom.dcmread(str(h.path), force=_sniff(h.path) == "raw")
+    except BaseException as exc:
+        if not _is_input_failure(exc):
+            raise
+        raise CorruptFileError(
+            f"{what}: the file cannot be parsed ({type(exc).__name__}). {_TRUNC_FIX}",
+        ) from None
+
+
+def _check_mosaic_layout(wrapper: Any, ds: Any, what: str) -> None:
+    """A mosaic tiles ``n`` slices in a ceil(sqrt(n)) x ceil(sqrt(n)) grid: refuse a
+    NumberOfImagesInMosaic whose grid does not divide the matrix (the tiles would be cut
+    across slices), naming the matrix and the count rather than blaming the CSA header."""
+    n = _int(getattr(wrapper, "n_mosaic", None), 0) or 0
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    side = int(math.ceil(math.sqrt(n))) if n > 0 else 0
+    if side < 1 or rows % side or cols % side:
+        raise CorruptFileError(
+            f"{what}: the CSA header says the mosaic holds {n} slices, i.e. a {side} x {side} "
+            f"grid of tiles, which does not divide its {rows} x {cols} matrix. The mosaic "
+            "header and pixel matrix disagree; convert the series with dcm2niix or "
+            "re-export it.",
+            code="INVALID_MOSAIC",
+        )
+
+
 def _load_mosaic(headers: Sequence[_FileHeader], info: SeriesInfo, *, what: str) -> Volume:
     """Siemens mosaics (several slices tiled in one image, one file per time point).
 
@@ -1686,20 +1756,30 @@ def _load_mosaic(headers: Sequence[_FileHeader], info: SeriesInfo, *, what: str)
     for n, h in enumerate(headers):
         label = f"{what}, file #{n + 1}"
         _check_header_size(h, label)
+        _check_pixel_module(h, label)
+        ds = _full_dataset(h, label)
         try:
-            ds = pydicom.dcmread(str(h.path), force=_sniff(h.path) == "raw")
             wrapper = dicomwrappers.wrapper_from_data(ds)
-            if not getattr(wrapper, "is_mosaic", False):
-                raise ValueError("not a mosaic")
+            is_mosaic = bool(getattr(wrapper, "is_mosaic", False))
+        except BaseException as exc:
+            if not _is_input_failure(exc):
+                raise
+            is_mosaic = False
+        if not is_mosaic:
+            raise UnsupportedInputError(
+                f"{label}: Siemens mosaic whose CSA header (NumberOfImagesInMosaic) cannot "
+                "be read. Convert the series with dcm2niix and load the NIfTI file.",
+            )
+        _check_mosaic_layout(wrapper, h.ds, label)
+        try:
             data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, cols, slices)
             affine = np.asarray(wrapper.affine, dtype=np.float64)  # LPS, (row, col, slice)
-        except MedfusionError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - CSA header missing or unreadable
-            raise UnsupportedInputError(
-                f"{label}: Siemens mosaic whose CSA header cannot be read "
-                f"({type(exc).__name__}). Convert the series with dcm2niix and load the "
-                "NIfTI file.",
+        except BaseException as exc:
+            if not _is_input_failure(exc):
+                raise
+            raise CorruptFileError(
+                f"{label}: the mosaic's pixel data or geometry tags cannot be read "
+                f"({type(exc).__name__}). {_TRUNC_FIX}",
             ) from None
         if data.ndim != 3:
             raise UnsupportedInputError(f"{label}: unexpected mosaic layout {data.shape}.")
