@@ -126,3 +126,12 @@ def test_restored_from_a_sorted_json_card_keeps_the_fitted_column_order() -> Non
     restored = ClinicalPreprocessor.from_dict(card)
     assert restored.feature_names == fitted.feature_names
     np.testing.assert_allclose(restored.transform(rows), fitted.transform(rows), atol=1e-6)
+
+
+def test_none_text_is_missing_like_an_empty_cell() -> None:
+    # The same vocabulary as the CSV reader: "None" is imputed, never a category "None".
+    fitted = ClinicalPreprocessor(SCHEMA).fit(TRAIN)
+    words = fitted.transform([{"age": "None", "sex": " NONE ", "bmi": "none", "stage": "None"}])
+    empty = fitted.transform([{"age": "", "sex": "", "bmi": None, "stage": None}])
+    np.testing.assert_array_equal(words, empty)
+    assert words[0, fitted.feature_names.index("sex=__missing__")] == 1.0

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medfusion.errors import MedfusionError, OutputError
+from medfusion.errors import ClinicalSchemaError, MedfusionError, OutputError
 from medfusion.io.keys import pseudonym
 from medfusion.scoring import outputs as O
 from medfusion.scoring.discovery import Discovery, StudyRef, discover_studies
@@ -279,18 +279,40 @@ class _Progress:
 # the run
 
 
-def _read_clinical(path: str | os.PathLike[str], scorer: Scorer) -> dict[str, dict[str, Any]]:
-    """Clinical rows keyed by ``study_id`` (engineer B's reader, with the model's schema)."""
-    from medfusion.io.clinical import read_clinical_csv
+@dataclass
+class _Clinical:
+    """The clinical CSV as the run uses it: valid rows, rows set aside for a bad cell
+    (``{study_id: message}``, each becomes that study's failure row) and the flags every
+    scored row carries (schema columns accepted as absent)."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+
+
+def _read_clinical(path: str | os.PathLike[str], scorer: Scorer,
+                   allow_missing: bool) -> _Clinical:
+    """Clinical rows keyed by ``study_id``, read with the model's schema. The file's
+    structure (id column, duplicate ids, columns matching the schema) is checked here and
+    refused before scoring; a bad cell only fails its own study."""
+    from medfusion.io.clinical import FLAG_COLUMNS_MISSING, read_clinical_csv
 
     schema = getattr(scorer, "clinical_schema", None) or None
-    table = read_clinical_csv(path, schema=schema, id_column="study_id")
-    if isinstance(table, Mapping):
-        return {str(k): dict(v) if v is not None else {} for k, v in table.items()}
-    records = getattr(table, "records", None)
-    if isinstance(records, Mapping):
-        return {str(k): dict(v) for k, v in records.items()}
-    raise MedfusionError("unexpected clinical table type", code="INTERNAL")
+    table = read_clinical_csv(path, schema=schema, id_column="study_id",
+                              allow_missing_clinical=allow_missing, bad_values="collect")
+    return _Clinical(
+        records={str(k): dict(v) for k, v in table.items()},
+        errors={str(k): str(v) for k, v in table.errors.items()},
+        flags=(FLAG_COLUMNS_MISSING,) if table.absent else (),
+    )
+
+
+def _clinical_failure(ref: StudyRef, message: str) -> dict[str, Any]:
+    """The journal record of a study whose clinical row has a bad cell: it is not loaded."""
+    fail = failure(ref, "clinical", ClinicalSchemaError(message))
+    return {"study_id": ref.study_id, "key": ref.key, "digest": None, "n_files": None,
+            "skipped_files": 0, "unsafe_links": 0, "issues": [], "timings": {},
+            "status": "failed", "failure": fail, "stage": "clinical", "code": fail["code"]}
 
 
 def _make_preparer(
@@ -333,6 +355,7 @@ def score_folder(
     progress: bool = True,
     command_line: Sequence[str] | None = None,
     scorer_factory: ScorerFactory = load_fusion_scorer,
+    allow_missing_clinical: bool = False,
 ) -> RunSummary:
     """Score every study of ``studies_dir`` with the model in ``model_dir`` into ``out_dir``.
 
@@ -342,6 +365,11 @@ def score_folder(
     a ``BUDGET_EXCEEDED`` failure row and its worker is replaced. Fatal problems found
     before scoring raise :class:`MedfusionError` (the CLI exits 1); per-study problems
     become failure rows (exit code 2 in the returned summary).
+
+    The clinical CSV must hold every clinical variable of the model (``CLINICAL_SCHEMA``
+    otherwise) unless ``allow_missing_clinical``: absent ones are then missing for every
+    study and each scored row is flagged ``CLINICAL_COLUMNS_MISSING``. A study whose row
+    has an invalid cell gets a failure row (stage ``clinical``) and the others are scored.
     """
     t_start = time.monotonic()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -369,7 +397,8 @@ def score_folder(
     try:
         return _run(early, studies_root, model_dir, out_path, clinical_csv, workers, resume,
                     explain, alpha, engine, ray_address, seed, time_budget_s, memory_budget_mb,
-                    progress, command_line, scorer_factory, t_start, started_at)
+                    progress, command_line, scorer_factory, t_start, started_at,
+                    allow_missing_clinical)
     finally:
         torch.set_num_threads(threads)
         if early is not None:
@@ -396,20 +425,22 @@ def _run(
     scorer_factory: ScorerFactory,
     t_start: float,
     started_at: str,
+    allow_missing_clinical: bool = False,
 ) -> RunSummary:
     """The body of :func:`score_folder` once options are checked (see its docstring)."""
     scorer = scorer_factory(model_dir)
     labels = tuple(scorer.labels)
     roles = tuple(scorer.roles)
     modalities = tuple(getattr(scorer, "modalities", roles))
-    clinical: dict[str, dict[str, Any]] = {}
+    table = _Clinical()
     clinical_sha = None
     if clinical_csv is not None:
         if not os.path.isfile(clinical_csv):
             raise MedfusionError("--clinical must be a CSV file with a study_id column",
                                  code="CLINICAL_SCHEMA")
-        clinical = _read_clinical(clinical_csv, scorer)
+        table = _read_clinical(clinical_csv, scorer, allow_missing_clinical)
         clinical_sha = _file_sha256(clinical_csv)
+    clinical = table.records
     found: Discovery = discover_studies(studies_root, exclude=os.fspath(out_path))
     out = O.prepare_output_dir(out_path, resume=resume)
     model_info = scorer.describe()
@@ -456,6 +487,7 @@ def _run(
             "alpha": float(alpha), "resume": bool(resume),
             "time_budget_s": time_budget_s, "memory_budget_mb": memory_budget_mb,
             "clinical_sha256": clinical_sha, "ray_cluster": bool(ray_address),
+            "allow_missing_clinical": bool(allow_missing_clinical),
         },
         "seeds": {"seed": int(seed), "per_study": "sha256(seed:study_id)[:4]"},
         "command_line": safe_command_line(list(command_line if command_line is not None
@@ -505,6 +537,11 @@ def _run(
             newly += 1
             bar.advance(record["status"] != "scored")
 
+        # A bad clinical cell fails its own study before any loading; the batch goes on.
+        for ref in [r for r in todo if r.clinical_id in table.errors]:
+            finish(_clinical_failure(ref, table.errors[ref.clinical_id]))
+        todo = deque(r for r in todo if r.clinical_id not in table.errors)
+
         while todo or preparer.busy() or ready:
             # Refill the workers *before* running inference, so they load the next studies
             # while this process computes; prepared studies waiting are bounded too.
@@ -523,7 +560,8 @@ def _run(
                 record = ready.popleft()
                 finish(_predict_record(record, scorer, labels, modalities, out, explain, alpha,
                                        seed, clinical_csv is not None
-                                       and record["study_id"] not in with_clinical))
+                                       and record["study_id"] not in with_clinical,
+                                       table.flags))
             if time.monotonic() - last_snapshot > interval:
                 t_snap = time.monotonic()
                 snapshot("running")
@@ -584,6 +622,7 @@ def _predict_record(
     alpha: float,
     seed: int,
     no_clinical: bool,
+    clinical_flags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Inference (and saliency) for one prepared study, as a journal record."""
     ref = StudyRef(study_id=record["study_id"], key=record["key"], root="")
@@ -602,7 +641,7 @@ def _predict_record(
                 sources = getattr(record["prepared"], "sources", None) or None
                 saliency = write_saliency(out, ref.study_id, pred.explanation, sources)
                 timings["explain_s"] = round(time.perf_counter() - t0 - timings["predict_s"], 4)
-        flags = [FLAG_NO_CLINICAL] if no_clinical else []
+        flags = [*([FLAG_NO_CLINICAL] if no_clinical else []), *clinical_flags]
         row = prediction_row(ref.study_id, pred, labels, modalities, flags, saliency)
     except OutputError:
         raise  # the disk, not the study: stop (resume later)

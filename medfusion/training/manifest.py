@@ -5,12 +5,15 @@ optional ``patient_id`` and ``split`` (train / val / test), one column per imagi
 the recipe holding a path relative to the manifest (empty = that modality is missing), and
 the recipe's clinical columns. Error messages name the CSV line and column, never a value
 that could identify a patient.
+
+Clinical cells are read by :mod:`medfusion.io.clinical` (its missing-value vocabulary, unit
+headers such as ``weight[lb]``, ranges and levels), so training, ``predict`` and ``score``
+agree on what a cell means.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,16 +22,22 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.errors import ManifestError
+from medfusion.errors import ClinicalSchemaError, ManifestError
+from medfusion.io.clinical import ClinicalSchema, match_clinical_columns, validate_value
 from medfusion.training.recipe import Recipe
 
 SPLITS = ("train", "val", "test")
-_MISSING = {"", "na", "n/a", "nan", "none", "null"}
+_RESERVED = ("study_id", "label", "patient_id", "split")
 
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One validated manifest row. ``line`` is the 1-based CSV line (for messages)."""
+    """One validated manifest row. ``line`` is the 1-based CSV line (for messages).
+
+    ``clinical_error`` (prediction only): why this row's clinical cells are invalid (line and
+    column, never the value); the study is then not scored. ``clinical_absent``: recipe
+    clinical columns the manifest lacks, accepted as missing on request.
+    """
 
     line: int
     study_id: str
@@ -37,53 +46,58 @@ class ManifestRow:
     split: str | None
     paths: dict[str, Path | None]
     clinical: dict[str, Any] | None
+    clinical_error: str | None = None
+    clinical_absent: tuple[str, ...] = ()
 
 
 def _err(message: str) -> ManifestError:
     return ManifestError(message + " See docs/training.md for the manifest contract.")
 
 
-def parse_clinical_value(raw: Any, kind: str) -> Any:
-    """A manifest/CSV cell as a clinical value: None when missing, float for numeric."""
-    if raw is None:
-        return None
-    if isinstance(raw, float) and math.isnan(raw):
-        return None
-    text = str(raw).strip()
-    if text.lower() in _MISSING:
-        return None
-    if kind == "numeric":
-        value = float(text)  # ValueError handled by callers with a line/column message
-        if not math.isfinite(value):
-            return None
-        return value
-    return text
-
-
 def read_manifest(path: str | Path, recipe: Recipe, *, require_labels: bool = True,
-                  require_columns: bool = True) -> list[ManifestRow]:
+                  require_columns: bool = True, allow_missing_clinical: bool = False,
+                  bad_clinical: str = "raise") -> list[ManifestRow]:
     """Read and validate ``path`` against ``recipe``.
 
     Raises :class:`ManifestError` (code ``MANIFEST``) on: a missing file or column, a
     duplicate or empty study_id, a label outside ``recipe.labels``, a bad split value, an
     image path that does not exist (paths are resolved relative to the manifest's folder),
-    or a non-numeric value in a numeric clinical column. With ``require_columns=False``
-    (prediction), absent role / clinical columns mean "missing for every study".
+    or an invalid clinical cell (not a number, out of range, unknown level). With
+    ``require_columns=False`` (prediction), absent role columns mean "modality missing for
+    every study"; an absent clinical column is refused (``CLINICAL_SCHEMA``) unless
+    ``allow_missing_clinical`` (then each row lists it in ``clinical_absent``). A clinical
+    column spelled differently from the recipe (``Age`` for ``age``) is always refused
+    (``CLINICAL_SCHEMA``). ``bad_clinical="row"`` (prediction) records an invalid clinical
+    cell in that row's ``clinical_error`` instead of refusing the file.
     """
+    if bad_clinical not in ("raise", "row"):
+        raise ValueError("bad_clinical must be 'raise' or 'row'")
     path = Path(path)
     if not path.is_file():
         raise _err("Manifest CSV not found: pass the path of a CSV file.")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            raw_rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+            reader = csv.reader(handle)
+            columns = [c.strip() for c in next(reader, [])]
+            # (CSV line, cells); blank lines are skipped but still counted.
+            raw_rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise _err(f"Manifest could not be read as a UTF-8 CSV ({type(exc).__name__}).") from None
     required = ["study_id"] + (["label"] if require_labels else [])
     if require_columns:
-        required += list(recipe.roles) + list(recipe.clinical)
+        required += list(recipe.roles)
     missing = [c for c in required if c not in columns]
+    match = None
+    if recipe.clinical:
+        # A re-spelled clinical column is refused before anything else; a plain absent one
+        # joins the other missing columns for training, and needs the opt-in to predict.
+        match = match_clinical_columns(
+            columns, ClinicalSchema.from_dict(recipe.clinical),
+            skip=(*_RESERVED, *recipe.roles),
+            allow_missing=allow_missing_clinical or require_columns, source="the manifest",
+        )
+        if require_columns:
+            missing += list(match.absent)
     if missing:
         raise _err(f"Manifest lacks column(s) {missing}; it needs study_id, label, one column per "
                    "imaging role of the recipe and every clinical column of the recipe.")
@@ -93,8 +107,8 @@ def read_manifest(path: str | Path, recipe: Recipe, *, require_labels: bool = Tr
     label_index = {name: i for i, name in enumerate(recipe.labels)}
     seen: set[str] = set()
     rows: list[ManifestRow] = []
-    for offset, raw in enumerate(raw_rows):
-        line = offset + 2  # header is line 1
+    for line, cells in raw_rows:
+        raw = dict(zip(columns, cells, strict=False))
         study_id = (raw.get("study_id") or "").strip()
         if not study_id:
             raise _err(f"Line {line}: empty study_id.")
@@ -125,16 +139,22 @@ def read_manifest(path: str | Path, recipe: Recipe, *, require_labels: bool = Tr
                            "relative to the manifest's folder).")
             paths[role] = target
         clinical: dict[str, Any] | None = None
-        if recipe.clinical:
-            clinical = {}
-            for column, spec in recipe.clinical.items():
+        clinical_error: str | None = None
+        if match is not None:
+            clinical = dict.fromkeys(recipe.clinical)
+            for idx, (var, conversion) in match.plan.items():
+                cell = cells[idx] if idx < len(cells) else None
                 try:
-                    clinical[column] = parse_clinical_value(raw.get(column), spec["type"])
-                except ValueError:
-                    raise _err(f"Line {line}, column `{column}`: expected a number "
-                               "(or empty for missing).") from None
+                    clinical[var.name] = validate_value(
+                        var, cell, f"Line {line}, column `{columns[idx]}`", conversion)
+                except ClinicalSchemaError as exc:
+                    if bad_clinical == "raise":
+                        # Training data must be clean: the whole manifest is refused.
+                        raise _err(exc.message.split(" See docs/")[0]) from None
+                    clinical_error = clinical_error or exc.message
         rows.append(ManifestRow(line, study_id, label, patient, split_raw or None, paths,
-                                clinical))
+                                clinical, clinical_error,
+                                match.absent if match is not None else ()))
     return rows
 
 
