@@ -99,13 +99,18 @@ def predict(
     saliency_dir: Optional[Path] = typer.Option(  # noqa: UP045 - typer needs Optional
         None, "--saliency-dir", help="With --explain: write saliency maps here."
     ),
+    allow_missing_clinical: bool = typer.Option(
+        False, "--allow-missing-clinical",
+        help="Accept model clinical columns absent from the manifest as missing for every "
+             "study (rows flagged CLINICAL_COLUMNS_MISSING); refused otherwise."),
 ) -> None:
     """Score every study of a manifest: study_id, predicted, prob_<label>, weight_<role>."""
     from medfusion.models.fusion_model import predict_manifest
 
     try:
         path = predict_manifest(model_dir, manifest, out, explain=explain,
-                                saliency_dir=saliency_dir, alpha=alpha)
+                                saliency_dir=saliency_dir, alpha=alpha,
+                                allow_missing_clinical=allow_missing_clinical)
     except MedfusionError as error:
         _fail(error)
         return
@@ -136,6 +141,10 @@ def score(
         None, "--memory-budget", help="MiB a worker may grow while loading one study."
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    allow_missing_clinical: bool = typer.Option(
+        False, "--allow-missing-clinical",
+        help="Accept model clinical columns absent from --clinical as missing for every "
+             "study (rows flagged CLINICAL_COLUMNS_MISSING); refused otherwise."),
 ) -> None:
     """Score every study of a folder: scores.csv, failures.csv, saliency/, run.json.
 
@@ -150,6 +159,7 @@ def score(
             explain=explain, alpha=alpha, engine=engine, ray_address=ray_address, seed=seed,
             time_budget_s=time_budget, memory_budget_mb=memory_budget,
             progress=not no_progress, command_line=sys.argv,
+            allow_missing_clinical=allow_missing_clinical,
         )
     except MedfusionError as error:
         _fail(error)

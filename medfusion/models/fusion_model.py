@@ -144,20 +144,19 @@ def stack_prepared(batch: Sequence[PreparedInputs], roles: Sequence[str]
 
 def _coerce_clinical(record: Mapping[str, Any] | None, schema: Mapping[str, Mapping[str, Any]]
                      ) -> dict[str, Any] | None:
-    """The study's clinical values for the model's columns: numbers as float, None missing."""
-    from medfusion.training.manifest import parse_clinical_value
+    """The study's clinical values for the model's columns: numbers as float, None missing.
+
+    Validated with the same rules as the clinical CSV reader (missing tokens, ranges, levels,
+    a re-spelled key such as ``Age`` refused), so a record given in Python means what the
+    same cells would mean in a file. Raises ClinicalSchemaError."""
+    from medfusion.io.clinical import SCHEMA_KEYS, validate_record
 
     if record is None:
         return None
-    out: dict[str, Any] = {}
-    for column, spec in schema.items():
-        try:
-            out[column] = parse_clinical_value(record.get(column), spec.get("type", "numeric"))
-        except ValueError:
-            raise ClinicalSchemaError(
-                f"clinical variable `{column}` must be a number (or missing) for this model."
-            ) from None
-    return out
+    # A card may keep keys of its own next to the schema's; only the schema's are checked.
+    declared = {name: {k: v for k, v in spec.items() if k in SCHEMA_KEYS}
+                for name, spec in schema.items()}
+    return validate_record(record, declared)
 
 
 # --- the model ---------------------------------------------------------------------------
@@ -484,7 +483,7 @@ def _format(value: float) -> str:
 
 def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str | Path, *,
                      explain: bool = False, saliency_dir: str | Path | None = None,
-                     alpha: float = 0.1) -> Path:
+                     alpha: float = 0.1, allow_missing_clinical: bool = False) -> Path:
     """Score every row of ``manifest`` with the model in ``model_dir`` into ``out_csv``.
 
     Columns: ``study_id, predicted, prob_<label>... , weight_<modality>...`` (weights when the
@@ -494,10 +493,14 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
     and ``shift_pvalue`` (docs/trust.md), ``flags`` (``|``-joined, e.g.
     ``OUT_OF_DISTRIBUTION``), and
     ``error`` (a stable error code for a row that could not be
-    scored, its other cells empty). The manifest needs ``study_id`` and may omit ``label``,
-    role columns (modality missing) and clinical columns (values missing). The file is
-    written atomically.
+    scored, its other cells empty; ``CLINICAL_SCHEMA`` for a row with an invalid clinical
+    cell). The manifest needs ``study_id`` and may omit ``label`` and role columns (modality
+    missing). A clinical column of the model that the manifest lacks is refused
+    (``CLINICAL_SCHEMA``) unless ``allow_missing_clinical`` (then missing for every study,
+    each row flagged ``CLINICAL_COLUMNS_MISSING``); one spelled differently (``Age``) is
+    always refused. The file is written atomically.
     """
+    from medfusion.io.clinical import FLAG_COLUMNS_MISSING
     from medfusion.io.keys import pseudonym
     from medfusion.training.dataset import load_input_volume
     from medfusion.training.manifest import read_manifest
@@ -505,7 +508,8 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
 
     model = FusionModel.load(model_dir)
     recipe = load_recipe(model.card["recipe"])
-    rows = read_manifest(manifest, recipe, require_labels=False, require_columns=False)
+    rows = read_manifest(manifest, recipe, require_labels=False, require_columns=False,
+                         allow_missing_clinical=allow_missing_clinical, bad_clinical="row")
     out_csv = Path(out_csv)
     has_weights = model.fusion in ("attention", "gated")
     header = ["study_id", "predicted", *[f"prob_{lab}" for lab in model.labels]]
@@ -523,10 +527,14 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
             log.warning("explanations are not available; no saliency maps written")
     for row in rows:
         try:
+            if row.clinical_error is not None:  # this study only: the others are scored
+                raise ClinicalSchemaError(row.clinical_error)
             volumes = {r: load_input_volume(p) for r, p in row.paths.items() if p is not None}
             study = Study(key=pseudonym(row.study_id, prefix="st-"), volumes=volumes,
                           clinical=row.clinical)
             pred = model.predict(study, explain=explain, alpha=alpha)
+            # Clinical columns accepted as absent: say so on every row they could change.
+            absent_flag = [FLAG_COLUMNS_MISSING] if row.clinical_absent else []
         except MedfusionError as exc:
             log.warning("manifest line %d not scored (%s)", row.line, exc.code)
             lines.append([row.study_id, *[""] * (len(header) - 2), exc.code])
@@ -543,7 +551,7 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
                   "" if pred.abstain is None else str(pred.abstain).lower(),
                   *[_format(shapley.get(m)) for m in model.modalities],
                   _format(pred.feature_shift), _format(pred.shift_pvalue),
-                  "|".join(sorted(set(pred.flags))), ""]
+                  "|".join(sorted({*pred.flags, *absent_flag})), ""]
         lines.append(cells)
         if writer_fn is not None and pred.explanation is not None:
             try:
