@@ -42,6 +42,10 @@ def inspect(
     except MedfusionError as error:
         _fail(error)
         return
+    except Exception as error:  # noqa: BLE001 - a traceback could show paths/locals (PHI)
+        console.print(f"[red]error[/red] [INTERNAL] unexpected {type(error).__name__} while "
+                      "inspecting; please report it (no file names are shown here)")
+        raise typer.Exit(code=1) from None
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

@@ -19,12 +19,13 @@ error code and message; a single study or file that fails raises the error.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medfusion.errors import MedfusionError, NoImagesError
+from medfusion.errors import MedfusionError, NoImagesError, UnsafePathError
 from medfusion.io.keys import pseudonym
 from medfusion.io.study import discover_study_files, load_study
 from medfusion.types import Finding, Volume
@@ -77,8 +78,16 @@ def _first_study_key(files: Sequence[Path]) -> str | None:
 
 def find_study_folders(root: str | Path) -> tuple[str, list[Path]]:
     """``("study", [root])`` or ``("collection", [study folders...])`` (see module doc)."""
-    folder = Path(root)
-    dicom, nifti, _skipped = discover_study_files(folder)
+    kind, folders, _skipped = _find_study_folders(Path(root))
+    return kind, folders
+
+
+def _find_study_folders(folder: Path) -> tuple[str, list[Path], dict[str, int]]:
+    """:func:`find_study_folders` plus the counts of what discovery skipped, by reason."""
+    dicom, nifti, skipped_paths = discover_study_files(folder)
+    skipped: dict[str, int] = {}
+    for _path, reason in skipped_paths:
+        skipped[reason] = skipped.get(reason, 0) + 1
     images = dicom + nifti
     if not images:
         raise NoImagesError(
@@ -86,10 +95,11 @@ def find_study_folders(root: str | Path) -> tuple[str, list[Path]]:
             "text/CSV files and links leaving the folder are ignored)."
         )
     if any(p.parent == folder for p in images):
-        return "study", [folder]
+        return "study", [folder], skipped
     subdirs = sorted({folder / p.relative_to(folder).parts[0] for p in images})
     if len(subdirs) == 1:
-        return find_study_folders(subdirs[0])
+        kind, folders, _inner = _find_study_folders(subdirs[0])  # a subset of this scan
+        return kind, folders, skipped
     keys: set[str | None] = set()
     for sub in subdirs:
         files = [p for p in images if p.is_relative_to(sub)]
@@ -99,8 +109,8 @@ def find_study_folders(root: str | Path) -> tuple[str, list[Path]]:
             continue
         keys.add(_first_study_key(sorted(files)))
     if len(keys) == 1 and None not in keys:
-        return "study", [folder]
-    return "collection", subdirs
+        return "study", [folder], skipped
+    return "collection", subdirs, skipped
 
 
 def _study_entry(folder: Path) -> dict[str, Any]:
@@ -117,7 +127,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     """Inspect a file, a study folder or a folder of studies; return a PHI-free dict.
 
     Keys: ``input`` (a ``path-`` digest), ``kind`` (``file``/``study``/``collection``),
-    ``n_studies``, ``n_failed`` and ``studies``: a list of entries with ``key``,
+    ``n_studies``, ``n_failed``, ``skipped`` (folders only: counts of what discovery left
+    out, by reason, e.g. ``SYMLINK_LOOP``) and ``studies``: a list of entries with ``key``,
     ``folder_key``, ``roles`` (role -> modality, shape, spacing, orientation, source,
     series_key) and ``issues`` (code, message, details), or ``error`` (code, message).
     """
@@ -129,8 +140,16 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         "n_failed": 0,
         "studies": [],
     }
-    if not p.exists():
-        raise NoImagesError("the given path does not exist; check it and try again.")
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(
+                "the given path is a symbolic link that points back to itself (a link "
+                "loop); remove or fix the link.",
+                code="SYMLINK_LOOP",
+            ) from None
+        raise NoImagesError("the given path does not exist; check it and try again.") from None
     if p.is_file():
         from medfusion.io.volume import load_volume
 
@@ -145,8 +164,11 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         }]
         report["n_studies"] = 1
         return _jsonable(report)
-    kind, folders = find_study_folders(p)
+    kind, folders, skipped = _find_study_folders(p)
     report["kind"] = kind
+    # What discovery left out, by reason (LINK_OUTSIDE, SYMLINK_LOOP, NOT_IMAGE...): a link
+    # loop or a link leaving the folder is otherwise invisible in the table.
+    report["skipped"] = dict(sorted(skipped.items()))
     for folder in folders:
         if kind == "study":
             report["studies"].append(_study_entry(folder))
@@ -215,6 +237,11 @@ def render_inspection(report: Mapping[str, Any], console: Any) -> None:
             elif "role" not in details:
                 table.add_row("", "-", "", "", "", "", issue["code"])
     console.print(table)
+    links = {reason: n for reason, n in (report.get("skipped") or {}).items()
+             if reason in ("SYMLINK_LOOP", "LINK_OUTSIDE")}
+    if links:
+        console.print("skipped links: " + ", ".join(f"{n} {reason}"
+                                                   for reason, n in links.items()))
     if report.get("n_failed"):
         console.print(f"[red]{report['n_failed']} of {report['n_studies']} studies failed to "
                       "load[/red] (see the issues column).")

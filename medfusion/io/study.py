@@ -3,7 +3,9 @@
 What :func:`load_study` does, in order:
 
 1. **Discover** (:func:`discover_study_files`): every file under the folder, any nesting.
-   Symbolic links are followed only while they stay inside the folder (F5); hidden files,
+   Symbolic links are followed only while they stay inside the folder (F5); a link loop is
+   skipped and reported (``SYMLINK_LOOP`` finding; a study folder that is itself a loop
+   raises ``SYMLINK_LOOP``); hidden files,
    OS litter and obvious non-images (``.csv``, ``.json``, ``.txt``, ``.pdf``...) are
    skipped and counted. ``.nii`` / ``.nii.gz`` files are NIfTI; the rest are DICOM
    candidates, sorted into series by the DICOM reader (header-only pass), which lists
@@ -31,8 +33,10 @@ path for NIfTI-only studies), never patient data.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
+from medfusion.errors import MedfusionError, NoImagesError, UnsafePathError, UnsupportedInputError
 from medfusion.io.keys import pseudonym
 from medfusion.io.nifti import is_nifti_name, load_nifti
 from medfusion.types import Finding, Study, Volume
@@ -78,12 +82,24 @@ def discover_study_files(
     """All files under ``folder``: ``(dicom_candidates, nifti_files, skipped)``.
 
     ``skipped`` pairs a path with a reason code (``HIDDEN``, ``NOT_IMAGE``,
-    ``LINK_OUTSIDE``, ``NOT_REGULAR``, ``DUPLICATE_LINK``: a link to a DICOM file already
-    found). Paths are returned sorted, as found under
+    ``LINK_OUTSIDE``, ``NOT_REGULAR`` (a dangling link, a socket...), ``SYMLINK_LOOP`` (a
+    link that resolves back to itself), ``DUPLICATE_LINK``: a link to a DICOM file already
+    found). A folder that is itself a link loop raises ``SYMLINK_LOOP``
+    (:class:`~medfusion.errors.UnsafePathError`). Paths are returned sorted, as found under
     ``folder`` (links not resolved); never print them, they may hold names.
     """
     root = Path(folder)
-    if not root.is_dir():
+    try:
+        root_is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(
+                "the study folder is a symbolic link that points back to itself (a link "
+                "loop); remove or fix the link.",
+                code="SYMLINK_LOOP",
+            ) from exc
+        root_is_dir = False
+    if not root_is_dir:
         raise NoImagesError("the study folder does not exist or is not a folder; check the path.")
     real_root = Path(os.path.realpath(root))
     dicom: list[Path] = []
@@ -100,23 +116,32 @@ def discover_study_files(
             continue
         for entry in entries:
             path = Path(entry.path)
-            if entry.is_symlink():
-                real = Path(os.path.realpath(path))
-                if not real.is_relative_to(real_root):
-                    skipped.append((path, "LINK_OUTSIDE"))
-                    continue
-                if real.is_dir():
-                    if str(real) not in seen_dirs:  # a link loop or a second view
+            is_link = entry.is_symlink()
+            real = Path(os.path.realpath(path)) if is_link else path
+            if is_link and not real.is_relative_to(real_root):
+                skipped.append((path, "LINK_OUTSIDE"))  # never touched (F5)
+                continue
+            try:
+                # One stat, links followed: a link loop (ELOOP) or a dangling link fails here
+                # instead of inside DirEntry.is_dir()/is_file(), which raise on a loop.
+                target_mode = os.stat(path).st_mode
+            except OSError as exc:
+                skipped.append((path, "SYMLINK_LOOP" if exc.errno == errno.ELOOP
+                                else "NOT_REGULAR"))
+                continue
+            if is_link:
+                if stat.S_ISDIR(target_mode):
+                    if str(real) not in seen_dirs:  # a second view of a folder: visit once
                         seen_dirs.add(str(real))
                         stack.append(path)
                     continue
-            if entry.is_dir(follow_symlinks=True):
+            if stat.S_ISDIR(target_mode):
                 real_dir = os.path.realpath(path)
                 if real_dir not in seen_dirs:
                     seen_dirs.add(real_dir)
                     stack.append(path)
                 continue
-            if not entry.is_file(follow_symlinks=True):
+            if not stat.S_ISREG(target_mode):
                 skipped.append((path, "NOT_REGULAR"))
                 continue
             name = entry.name.lower()
@@ -440,10 +465,21 @@ def load_study(
             "the same patient and visit.",
             {"n_studies": len(plan.study_keys)},
         ))
-    n_skipped = len(plan.skipped) + len(plan.dicom_skipped)
+    n_loops = sum(1 for _, reason in plan.skipped if reason == "SYMLINK_LOOP")
+    if n_loops:
+        # Reported on its own: a loop is a broken link to fix, not a stray non-image file.
+        issues.append(Finding(
+            "SYMLINK_LOOP",
+            f"{n_loops} symbolic link(s) in the study folder point back to themselves (a link "
+            "loop) and were skipped; remove or fix them.",
+            {"count": n_loops},
+        ))
+    n_skipped = len(plan.skipped) + len(plan.dicom_skipped) - n_loops
     if n_skipped:
         reasons: dict[str, int] = {}
         for _, reason in plan.skipped:
+            if reason == "SYMLINK_LOOP":
+                continue
             reasons[reason] = reasons.get(reason, 0) + 1
         for _, reason in plan.dicom_skipped:  # the DICOM reader's words ("not DICOM", ...)
             code = reason.upper().replace(" ", "_")

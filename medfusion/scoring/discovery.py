@@ -12,6 +12,9 @@ Rules (the contract of ``medfusion score``):
 * loose DICOM files lying directly in the root are grouped by StudyInstanceUID (read from a
   header-only pass); such a study's ``study_id`` *is* its pseudonymous key, never the UID;
 * symbolic links that resolve outside the root are never followed (F5), wherever they are;
+* a symbolic link loop never aborts the run: one in the root (or a study folder that is
+  one) becomes that study's ``SYMLINK_LOOP`` failure row; one inside a study folder is
+  skipped and counted with the skipped files (the loader reports a ``SYMLINK_LOOP`` issue);
 * files that are neither DICOM nor NIfTI are skipped and counted, never opened further.
 
 Nothing here decodes pixels: discovery stays cheap even for 100,000 studies.
@@ -19,6 +22,7 @@ Nothing here decodes pixels: discovery stays cheap even for 100,000 studies.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -101,12 +105,13 @@ def is_medical_file(path: str) -> bool:
     return _looks_like_nifti(name) or sniff_dicom(path)
 
 
-def walk_safe(folder: str, root: str) -> Iterator[tuple[str, bool]]:
-    """Yield ``(path, safe)`` for every regular file below ``folder`` in sorted order.
+def walk_safe(folder: str, root: str) -> Iterator[tuple[str, str]]:
+    """Yield ``(path, status)`` for every file entry below ``folder`` in sorted order.
 
-    Links (to files or folders) are followed only while they resolve inside ``root``; one
-    leaving it is yielded once with ``safe=False`` and never opened (F5). Each real folder
-    is visited once (no link loops). Hidden entries are skipped.
+    ``status`` is ``"ok"`` (a regular file, possibly through a link inside ``root``),
+    ``"outside"`` (a link resolving outside ``root``: yielded once and never opened, F5) or
+    ``"broken"`` (a link that resolves to nothing regular: dangling, or a link loop). Each
+    real folder is visited once (no folder cycles). Hidden entries are skipped.
     """
     seen = {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -117,12 +122,13 @@ def walk_safe(folder: str, root: str) -> Iterator[tuple[str, bool]]:
             path = os.path.join(dirpath, name)
             real = os.path.realpath(path)
             if os.path.islink(path) and not is_within(path, root):
-                yield path, False
+                yield path, "outside"
             elif real not in seen:
                 seen.add(real)
                 keep.append(name)
         # Sorted, hidden skipped: a stable order makes digests and file lists reproducible.
         dirnames[:] = keep
+        # os.walk lists a link loop among the files (its is_dir() check fails on ELOOP).
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -132,25 +138,49 @@ def walk_safe(folder: str, root: str) -> Iterator[tuple[str, bool]]:
             except OSError:
                 continue
             if stat.S_ISLNK(st.st_mode):
-                yield path, is_within(path, root) and os.path.isfile(path)
+                if not is_within(path, root):
+                    yield path, "outside"
+                else:
+                    yield path, "ok" if os.path.isfile(path) else "broken"
             elif stat.S_ISREG(st.st_mode):
-                yield path, True
+                yield path, "ok"
+
+
+def _check_folder(folder: str) -> None:
+    """Refuse a study folder that is a link loop or cannot be listed (one failure row)."""
+    try:
+        st = os.stat(folder)
+        if stat.S_ISDIR(st.st_mode):
+            os.scandir(folder).close()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(
+                "this study folder is a symbolic link that points back to itself (a link "
+                "loop); remove or fix the link",
+                code="SYMLINK_LOOP",
+            ) from None
+        raise UnsafePathError(
+            f"this study folder cannot be read ({type(exc).__name__}); check its permissions",
+            code="UNREADABLE",
+        ) from None
 
 
 def study_files(ref: StudyRef) -> tuple[list[str], int, int]:
-    """The medical files of a study, plus counts of skipped files and unsafe links."""
+    """The medical files of a study, plus counts of skipped files (including broken links
+    and link loops) and unsafe links (leaving the root)."""
     if ref.folder is None:
         return list(ref.files), 0, 0
+    _check_folder(ref.folder)
     files: list[str] = []
     skipped = 0
     unsafe = 0
-    for path, safe in walk_safe(ref.folder, ref.root):
-        if not safe:
+    for path, status in walk_safe(ref.folder, ref.root):
+        if status == "outside":
             unsafe += 1
-        elif is_medical_file(path):
-            files.append(path)
-        else:
+        elif status == "broken" or not is_medical_file(path):
             skipped += 1
+        else:
+            files.append(path)
     return files, skipped, unsafe
 
 
@@ -251,7 +281,19 @@ def discover_studies(root: str | os.PathLike[str], *, exclude: str | None = None
         if entry.is_symlink() and not is_within(path, root_str):
             found.unsafe_links += 1
             continue
-        if entry.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # a dangling link: nothing to score
+                found.skipped_files += 1
+                continue
+            # A link loop in the root: one failure row (SYMLINK_LOOP, raised by
+            # study_files in the worker), never an aborted run.
+            key = study_key(entry.name)
+            found.studies.append(StudyRef(study_id=entry.name, key=key, root=root_str,
+                                          folder=path, source_name=entry.name))
+            continue
+        if stat.S_ISDIR(mode):
             if excluded and os.path.realpath(path) == excluded:
                 continue
             key = study_key(entry.name)
@@ -260,7 +302,7 @@ def discover_studies(root: str | os.PathLike[str], *, exclude: str | None = None
                 StudyRef(study_id=public_id, key=key, root=root_str, folder=path,
                          source_name=entry.name)
             )
-        elif entry.is_file():
+        elif stat.S_ISREG(mode):
             uid = _study_uid(path) if sniff_dicom(path) else None
             if uid is None:
                 found.skipped_files += 1

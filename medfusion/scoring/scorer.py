@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -193,23 +194,80 @@ def quiet_libraries() -> Iterator[None]:
                 lg.disabled = was
 
 
+# A name or path matches only as a whole token, not glued to a letter or digit: a file
+# "CT1" leaves "CT12" alone and the root "/data/b" leaves "/data/b2" alone.
+_EDGE_BEFORE = r"(?<![A-Za-z0-9])"
+_EDGE_AFTER = r"(?![A-Za-z0-9])"
+# What may follow a root or study folder path before the next blank or quote: a path below it.
+_PATH_TAIL = r"(?:[/\\][^\s'\"`<>|:;,()\[\]]*)?"
+
+
+def _name_like(name: str) -> bool:
+    """A file or folder name that cannot be an ordinary word of a message: it holds a digit
+    or punctuation such as ``_ - . ^`` or a blank. A single word of letters ("study",
+    "data", "DICOM") is left alone where it stands as a word of the message; inside a path
+    it goes with the path."""
+    return not name.isalpha()
+
+
 def scrub(message: str, ref: StudyRef, files: Sequence[str]) -> str:
-    """Remove paths and file/folder names from a message (G2): they may hold names."""
-    replacements = {ref.root: "<root>"}
-    if ref.folder:
-        replacements[ref.folder] = "<study>"
+    """Remove paths and file/folder names from a message (G2): they may hold names.
+
+    * every file path becomes ``<file>``; the batch root and the study folder (as given and
+      resolved), with whatever path follows them, become ``<root>`` or ``<study>``;
+    * a file's path relative to the study folder or the root becomes ``<file>``;
+    * a bare file or folder name (any component of those relative paths) becomes
+      ``<name>`` where it stands as a whole token (any case) and is name-like (digits,
+      punctuation, blanks: ``Doe_John_1970``, ``IMG0001.dcm``); a name that is one word of
+      letters (``study``, ``data``) is left where it is an ordinary word of the message;
+    * the study folder's name is always removed when it holds patient identifiers (its
+      public ``study_id`` is then the pseudonym, so the two differ).
+
+    Everything is replaced in one pass, longest match first, so a placeholder is never
+    rewritten and a full path wins over its components.
+    """
+    paths: dict[str, str] = {}
+    names: dict[str, str] = {}
+    base = ref.folder or ref.root
+    for root, label in ((ref.root, "<root>"), (ref.folder, "<study>")):
+        if root:
+            for form in {root, os.path.realpath(root)}:
+                paths[form.rstrip("/\\") or form] = label
     for path in files:
-        replacements[path] = "<file>"
-        rel = os.path.relpath(path, ref.folder or ref.root)
-        replacements[rel] = "<file>"
-        for part in rel.split(os.sep):
-            if len(part) >= 4:
-                replacements[part] = "<name>"
-    # Longest first so a full path is replaced before its components.
-    for old in sorted(replacements, key=len, reverse=True):
-        if old:
-            message = message.replace(old, replacements[old])
-    return message
+        paths[path] = "<file>"  # a link's target lies below the resolved root or folder
+        for start in {base, ref.root}:
+            # A prefix test, not os.path.relpath: thousands of files per study stay cheap.
+            prefix = start.rstrip("/\\") + os.sep
+            if path.startswith(prefix):
+                rel = path[len(prefix):]
+                if os.sep in rel:  # a bare name is handled with the names below
+                    paths[rel] = "<file>"
+                for part in rel.split(os.sep):
+                    if part and part not in (".", "..") and _name_like(part):
+                        names[part.casefold()] = "<name>"
+    if ref.folder:
+        folder_name = os.path.basename(os.path.normpath(ref.folder))
+        if _name_like(folder_name) or (ref.source_name and ref.study_id != ref.source_name):
+            names[folder_name.casefold()] = "<name>"
+    folded = message.casefold()
+    alternatives: list[tuple[int, str, str]] = []  # (literal length, regex, placeholder)
+    # Only what occurs at all: a study of thousands of files keeps a small pattern.
+    for old, label in paths.items():
+        if old in message:
+            tail = _PATH_TAIL if label != "<file>" else ""
+            alternatives.append((len(old), re.escape(old) + tail + _EDGE_AFTER, label))
+    for old, label in names.items():
+        if old in folded:
+            alternatives.append((len(old), "(?i:" + re.escape(old) + ")" + _EDGE_AFTER, label))
+    if not alternatives:
+        return message
+    # Longest first: regex alternation takes the first branch that matches at a position.
+    alternatives.sort(key=lambda item: item[0], reverse=True)
+    pattern = re.compile(
+        _EDGE_BEFORE + "(?:" + "|".join(f"({rx})" for _, rx, _ in alternatives) + ")"
+    )
+    labels = [label for _, _, label in alternatives]
+    return pattern.sub(lambda m: labels[(m.lastindex or 1) - 1], message)
 
 
 def failure(ref: StudyRef, stage: str, error: BaseException, files: Sequence[str] = ()) -> dict:
