@@ -47,6 +47,7 @@ __all__ = [
     "truncate_file",
     "write_enhanced_multiframe",
     "write_huge_header",
+    "write_mosaic",
     "write_non_dicom_files",
     "write_radiograph",
     "write_series",
@@ -661,6 +662,72 @@ def write_enhanced_multiframe(
     _set_pixels(ds, np.stack(pixel_frames).astype(dtype), signed=signed, bits_stored=16)
     _apply_extra(ds, extra_tags)
     return _save(ds, path, transfer_syntax)
+
+
+# --------------------------------------------------------------------------------------
+# Siemens mosaics
+# --------------------------------------------------------------------------------------
+def _csa2_header(tags: Mapping[str, tuple[str, Sequence[str]]]) -> bytes:
+    """A Siemens CSA2 ("SV10") header holding ``{name: (vr, [values])}``, the layout
+    nibabel's ``csareader`` reads (SPM's specification)."""
+    import struct
+
+    out = bytearray(b"SV10\x04\x03\x02\x01")
+    out += struct.pack("<2I", len(tags), 77)
+    for name, (vr, values) in tags.items():
+        out += struct.pack("<64si4s3i", name.encode(), len(values), vr.encode(), 0,
+                           len(values), 77)
+        for value in values:
+            data = value.encode() + b"\0"
+            out += struct.pack("<4i", len(data), len(data), 77, len(data))
+            out += data + b"\0" * (-len(data) % 4)
+    return bytes(out)
+
+
+def write_mosaic(
+    folder: str | Path,
+    array_ijk: np.ndarray,
+    *,
+    n_images: int | None = None,
+    matrix: tuple[int, int] | None = None,
+    spacing: Sequence[float] = (2.0, 2.0, 3.0),
+    seed: int = 0,
+    identifiers: bool = True,
+) -> Path:
+    """One Siemens mosaic file: the K slices of ``array_ijk`` (I, J, K) tiled row by row in
+    a ceil(sqrt(K)) square grid, with a CSA image header declaring NumberOfImagesInMosaic.
+
+    ``n_images`` overrides the declared slice count and ``matrix`` (rows, columns) pads or
+    crops the tiled image, to build mosaics whose header and matrix disagree.
+    """
+    arr = np.asarray(array_ijk, dtype=np.float64)
+    ni, nj, nk = arr.shape
+    side = int(np.ceil(np.sqrt(nk)))
+    tiled = np.zeros((side * nj, side * ni))
+    for k in range(nk):
+        r, c = divmod(k, side)
+        tiled[r * nj : (r + 1) * nj, c * ni : (c + 1) * ni] = arr[:, :, k].T
+    if matrix is not None:
+        out = np.zeros(matrix)
+        rows, cols = min(matrix[0], tiled.shape[0]), min(matrix[1], tiled.shape[1])
+        out[:rows, :cols] = tiled[:rows, :cols]
+        tiled = out
+    folder = Path(folder)
+    path = write_series(
+        folder, tiled.T[:, :, None], spacing=spacing, modality="MR", rescale=(1.0, 0.0),
+        image_type=("ORIGINAL", "PRIMARY", "M", "MOSAIC"), seed=seed, file_names="index",
+        identifiers=identifiers,
+    )[0]
+    ds = pydicom.dcmread(path)
+    block = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+    csa = _csa2_header({
+        "NumberOfImagesInMosaic": ("US", [str(n_images if n_images is not None else nk)]),
+        "AcquisitionMatrixText": ("SH", [f"{nj}p*{ni}"]),
+        "SliceNormalVector": ("FD", ["0.0", "0.0", "1.0"]),
+    })
+    block.add_new(0x10, "OB", csa)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------
