@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from medfusion.errors import NoImagesError, TruncatedError
+from medfusion.errors import MedfusionError, NoImagesError, TruncatedError
 from medfusion.io.inspect import find_study_folders, inspect_path, render_inspection
 from medfusion.io.study import load_study
 from medfusion.testing.dicom_factory import write_series
@@ -83,3 +83,28 @@ def test_render_shows_roles_not_used_series_and_errors(cohort, tmp_path: Path) -
     console = Console(record=True, width=140)
     render_inspection(inspect_path(tmp_path), console)
     assert "not used" in console.export_text()
+
+
+def test_symlink_loops_reported_never_raised(cohort, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "batch"
+    shutil.copytree(cohort.studies_dir, root, symlinks=True,
+                    ignore=shutil.ignore_patterns("study-broken"))
+    sid = cohort.study_ids[0]
+    (root / sid / "loop").symlink_to("loop")  # inside one study
+    (root / "cycle").symlink_to("cycle")  # in the batch root
+    report = inspect_path(root)
+    json.dumps(report)
+    assert report["kind"] == "collection" and report["n_failed"] == 0
+    assert report["n_studies"] == len(cohort.study_ids)
+    assert report["skipped"] == {"SYMLINK_LOOP": 2}
+    looped = [s for s in report["studies"]
+              if any(i["code"] == "SYMLINK_LOOP" for i in s["issues"])]
+    assert len(looped) == 1 and looped[0]["roles"]
+    console = Console(record=True, width=140)
+    render_inspection(report, console)
+    assert "2 SYMLINK_LOOP" in console.export_text()
+    with pytest.raises(MedfusionError) as err:
+        inspect_path(root / "cycle")
+    assert err.value.code == "SYMLINK_LOOP"

@@ -161,3 +161,30 @@ def test_volume_findings_are_copied_with_their_role(tmp_path: Path) -> None:
     assert finding.details["role"] == "ct"
     with pytest.raises(MedfusionError):
         load_study(tmp_path, strict=True)
+
+
+def test_symlink_loops_are_skipped_and_reported(tmp_path: Path) -> None:
+    """A link to itself or a two-link cycle raises ELOOP on stat: skipped, never a crash."""
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    _nifti(study_dir / "ct.nii.gz")
+    (study_dir / "self").symlink_to("self")
+    (study_dir / "a").symlink_to("b")
+    (study_dir / "b").symlink_to("a")
+    (study_dir / "sub").mkdir()
+    (study_dir / "sub" / "mr.nii.gz").symlink_to("mr.nii.gz")  # a loop named like an image
+    (study_dir / "gone.dcm").symlink_to("nowhere.dcm")  # dangling: not a loop
+    dicom, nifti, skipped = discover_study_files(study_dir)
+    assert dicom == [] and [p.name for p in nifti] == ["ct.nii.gz"]
+    assert sorted(r for _, r in skipped) == ["NOT_REGULAR"] + ["SYMLINK_LOOP"] * 4
+    study = load_study(study_dir)
+    assert study.roles == ("ct",)
+    loop = next(f for f in study.issues if f.code == "SYMLINK_LOOP")
+    assert loop.details == {"count": 4}
+    counts = next(f.details["counts"] for f in study.issues if f.code == "FILES_SKIPPED")
+    assert counts == {"NOT_REGULAR": 1}  # a loop is reported once, on its own
+    folder_loop = tmp_path / "loop"
+    folder_loop.symlink_to("loop")
+    with pytest.raises(MedfusionError) as err:
+        load_study(folder_loop)
+    assert err.value.code == "SYMLINK_LOOP"
