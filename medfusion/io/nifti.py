@@ -3,7 +3,9 @@
 Reader contract (cases D1-D7, C5 of the reliability list):
 
 * **Format is sniffed, not guessed from the name** (D2): gzip is recognised by its magic
-  bytes, so a ``.nii.gz`` that is not compressed and a ``.nii`` that is both load.
+  bytes, so a ``.nii.gz`` that is not compressed and a ``.nii`` that is both load;
+  :func:`sniff_format` tells NIfTI from DICOM by their magic strings, never by the first
+  four bytes (a DICOM preamble may start with the bytes of 348).
 * **The header is checked before any pixel buffer exists** (D5): dimensions must be
   positive, the rank at most 4 once trailing singleton axes are dropped, the data type a
   plain integer or float, and the declared size within :func:`check_declared_size`'s cap.
@@ -18,6 +20,13 @@ Reader contract (cases D1-D7, C5 of the reliability list):
   ``qform_code > 0``, else nibabel's pixdim-only base affine (``NO_SPATIAL_TRANSFORM``,
   refused when strict). When both codes are set and the two disagree the sform wins and a
   ``QFORM_SFORM_MISMATCH`` finding records the largest difference.
+* **Header values readers disagree on** (see :func:`_qform`, :func:`_scaling`): qfac 0 is
+  read as 1 like nibabel; a qform-only image with a negative voxel size, a qfac below 0
+  other than -1 or a quaternion that is no rotation is refused (``GEOMETRY``), and only
+  reported (``QFORM_INVALID``) when an sform defines the grid; a slope of 0 or not finite
+  means no scaling (``SCALING_IGNORED`` when an intercept was set); a usable slope with a
+  non-finite intercept is refused (``INVALID_VALUES``). An absurd affine (an entry beyond
+  10 km, an infinite determinant) is refused (``GEOMETRY``).
 * **Sheared affines** (D4) are kept exactly and reported (``SHEARED_AFFINE``); strict refuses.
 * **4D** (D7) comes back as (I, J, K, T); 5D+ with more than one element beyond the fourth
   axis is refused (``UNSUPPORTED_DIMENSIONS``). A 2D image comes back as (I, J, 1).
