@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medfusion.errors import MedfusionError, NoImagesError, UnsafePathError
+from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
 from medfusion.io.keys import pseudonym
 from medfusion.io.study import discover_study_files, load_study
 from medfusion.types import Finding, Volume
@@ -144,7 +144,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         os.stat(p)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsafePathError(
+            raise UnsupportedInputError(
                 "the given path is a symbolic link that points back to itself (a link "
                 "loop); remove or fix the link.",
                 code="SYMLINK_LOOP",

@@ -57,7 +57,6 @@ from medfusion.errors import (
     MedfusionError,
     NoImagesError,
     TruncatedError,
-    UnsafePathError,
     UnsupportedInputError,
 )
 from medfusion.io.keys import pseudonym
@@ -442,7 +441,7 @@ def _read_checked(
 
 def _unreadable(what: str, exc: BaseException) -> MedfusionError:
     if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
-        return UnsafePathError(
+        return UnsupportedInputError(
             f"{what} is a symbolic link that points back to itself (a link loop); remove "
             "or fix the link.",
             code="SYMLINK_LOOP",

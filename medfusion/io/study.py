@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.errors import MedfusionError, NoImagesError, UnsafePathError, UnsupportedInputError
+from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
 from medfusion.io.keys import pseudonym
 from medfusion.io.nifti import is_nifti_name, load_nifti
 from medfusion.types import Finding, Study, Volume
@@ -85,7 +85,7 @@ def discover_study_files(
     ``LINK_OUTSIDE``, ``NOT_REGULAR`` (a dangling link, a socket...), ``SYMLINK_LOOP`` (a
     link that resolves back to itself), ``DUPLICATE_LINK``: a link to a DICOM file already
     found). A folder that is itself a link loop raises ``SYMLINK_LOOP``
-    (:class:`~medfusion.errors.UnsafePathError`). Paths are returned sorted, as found under
+    (:class:`~medfusion.errors.UnsupportedInputError`). Paths are returned sorted, as found under
     ``folder`` (links not resolved); never print them, they may hold names.
     """
     root = Path(folder)
@@ -93,7 +93,7 @@ def discover_study_files(
         root_is_dir = stat.S_ISDIR(os.stat(root).st_mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsafePathError(
+            raise UnsupportedInputError(
                 "the study folder is a symbolic link that points back to itself (a link "
                 "loop); remove or fix the link.",
                 code="SYMLINK_LOOP",

@@ -29,7 +29,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from medfusion.errors import NoImagesError, UnsafePathError
+from medfusion.errors import NoImagesError, UnsafePathError, UnsupportedInputError
 from medfusion.io.keys import pseudonym
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -154,12 +154,12 @@ def _check_folder(folder: str) -> None:
             os.scandir(folder).close()
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsafePathError(
+            raise UnsupportedInputError(
                 "this study folder is a symbolic link that points back to itself (a link "
                 "loop); remove or fix the link",
                 code="SYMLINK_LOOP",
             ) from None
-        raise UnsafePathError(
+        raise UnsupportedInputError(
             f"this study folder cannot be read ({type(exc).__name__}); check its permissions",
             code="UNREADABLE",
         ) from None
