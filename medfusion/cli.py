@@ -88,9 +88,46 @@ def train(
         _fail(error)
         return
     card = json.loads((path / "model.json").read_text(encoding="utf-8"))
+    if not quiet:
+        _print_training_summary(card)
     metrics = {split: {k: v for k, v in m.items() if k in ("n", "auroc", "accuracy")}
                for split, m in card.get("metrics", {}).items()}
     console.print(f"model written to {path}  metrics: {json.dumps(metrics)}")
+    for warning in card.get("training", {}).get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def _print_training_summary(card: dict) -> None:
+    """Per-epoch validation metrics and the chosen calibration, from the card."""
+    from rich.table import Table
+
+    history = card.get("training", {}).get("history", [])
+    if history:
+        keys = [k for k in ("train_loss", "val_loss", "val_auroc", "val_accuracy")
+                if any(k in r for r in history)]
+        keys += sorted({k for r in history for k in r
+                        if k.startswith(("val_auroc_", "val_accuracy_"))})
+        table = Table(title="validation per epoch", show_edge=False)
+        for column in ("member", "stage", "epoch", *keys):
+            table.add_column(column, justify="right")
+        for r in history:
+            cells = [str(r.get("member", 0)), str(r.get("stage", "joint")), str(r["epoch"])]
+            cells += ["" if r.get(k) is None else f"{r[k]:.3f}" for k in keys]
+            if r.get("val_collapsed") or any(k.startswith("val_collapsed") for k in r):
+                cells[2] += " (collapsed)"
+            table.add_row(*cells)
+        console.print(table)
+    calibration = card.get("calibration") or {}
+    fit = calibration.get("fit") or {}
+    scaler = calibration.get("temperature") or {}
+    if scaler:
+        line = (f"calibration: {scaler.get('kind', 'temperature')}, T = "
+                f"{scaler.get('temperature', 1.0):.3f}")
+        if fit:
+            line += (f"; validation NLL {fit['nll_raw']:.3f} raw -> {fit['nll_calibrated']:.3f}"
+                     f", accuracy {fit['accuracy_calibrated']:.3f} (majority rate "
+                     f"{fit['majority_rate']:.3f})")
+        console.print(line)
 
 
 @app.command()

@@ -225,10 +225,10 @@ class FusionModel:
         self.shift_reference = None
         calibration = card.get("calibration")
         if calibration:
-            from medfusion.uncertainty.calibration import TemperatureScaler
+            from medfusion.uncertainty.calibration import LogitScaler
             from medfusion.uncertainty.conformal import ConformalPredictor
 
-            self.temperature = TemperatureScaler.from_dict(calibration["temperature"])
+            self.temperature = LogitScaler.from_dict(calibration["temperature"])
             if calibration.get("conformal"):
                 self.conformal = ConformalPredictor.from_dict(calibration["conformal"])
             if calibration.get("shift"):

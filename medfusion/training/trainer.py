@@ -177,11 +177,36 @@ def _cosine_schedule(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: i
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
-def _stopping_score(probs: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, Any]]:
+def _decisions_collapse(probs: np.ndarray, y: np.ndarray) -> bool:
+    """Whether even the best per-class offset (and temperature) leaves one class predicted
+    for every validation study while several are present: a ranking (AUROC) with no usable
+    decision behind it. Such an epoch is never kept while another is usable."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(y) < 2 or len(np.unique(y)) < 2:
+        return False
+    logits = np.log(np.clip(probs, 1e-12, 1.0))
+    features = logits - logits[:, :1]  # softmax is shift-invariant: class 0 as reference
+    # A multinomial logistic regression on the logits contains every temperature + offset
+    # recalibration (and is ~40x faster to fit here than the L-BFGS scaler, which matters
+    # for the fusion head's hundreds of epochs).
+    refit = LogisticRegression(C=100.0, max_iter=200).fit(features[:, 1:], y)
+    return len(np.unique(refit.predict(features[:, 1:]))) < 2
+
+
+def _stopping_score(probs: np.ndarray, y: np.ndarray, to_beat: float = -math.inf
+                    ) -> tuple[float, dict[str, Any]]:
     """Early-stopping score: validation AUROC, NLL breaking ties and standing in when the
-    validation split lacks a class."""
+    validation split lacks a class; an epoch whose decisions collapse to one class even
+    after recalibration scores below every epoch whose decisions do not. (The collapse
+    check only runs for an epoch that would otherwise beat ``to_beat``, the best score so
+    far: the penalty can only lower a score, so the choice is the same.)"""
     m = summary_metrics(probs, y)
-    return (m["auroc"] if m["auroc"] is not None else 0.0) - 1e-3 * m["nll"], m
+    score = (m["auroc"] if m["auroc"] is not None else 0.0) - 1e-3 * m["nll"]
+    if score > to_beat and _decisions_collapse(probs, y):
+        m["collapsed"] = True
+        score -= 1.0
+    return score, m
 
 
 # Stage 2 of staged training fits only the fusion head on cached embeddings: an epoch
@@ -289,8 +314,12 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
                 with torch.no_grad():
                     logits = heads[j](torch.from_numpy(emb_val[rows, j]).to(device))
                 probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-                score, metrics = _stopping_score(probs, data.labels[val_idx][rows])
+                score, metrics = _stopping_score(probs, data.labels[val_idx][rows],
+                                                 best[j]["score"])
                 record[f"val_auroc_{m}"] = metrics["auroc"]
+                record[f"val_accuracy_{m}"] = metrics["accuracy"]
+                if metrics.get("collapsed"):
+                    record[f"val_collapsed_{m}"] = True
                 if not _selectable(epoch + 1, recipe):
                     continue
                 if score > best[j]["score"]:
@@ -372,7 +401,7 @@ def _fit_fusion_head(net: torch.nn.Module, data: PreparedDataset, clinical: np.n
             with torch.no_grad():
                 logits, _ = head(emb_val, torch.from_numpy(data.present[val_idx]).to(device))
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            score, metrics = _stopping_score(probs, data.labels[val_idx])
+            score, metrics = _stopping_score(probs, data.labels[val_idx], best["score"])
             record.update({"val_loss": metrics["nll"], "val_auroc": metrics["auroc"],
                            "val_accuracy": metrics["accuracy"]})
         else:
@@ -458,12 +487,10 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
                                    None if clinical is None else clinical[val_idx],
                                    data.present[val_idx])
             probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-            m = summary_metrics(probs, data.labels[val_idx])
+            score, m = _stopping_score(probs, data.labels[val_idx], best["score"])
             record.update({"val_loss": m["nll"], "val_auroc": m["auroc"],
-                           "val_accuracy": m["accuracy"]})
-            # Early stopping on validation AUROC; NLL breaks ties and stands in when the
-            # validation split lacks a class.
-            score = (m["auroc"] if m["auroc"] is not None else 0.0) - 1e-3 * m["nll"]
+                           "val_accuracy": m["accuracy"],
+                           "val_collapsed": bool(m.get("collapsed", False))})
         else:
             score = -record["train_loss"] if record["train_loss"] is not None else 0.0
         record["seconds"] = round(time.perf_counter() - t0, 3)
@@ -681,7 +708,9 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
         if len(val_idx):
             raw_val = model.raw_probabilities_arrays(*split_arrays(val_idx))
             shifts_val = model_role_shifts(model.nets, *split_arrays(val_idx))
-            calibration = _calibrate(raw_val, data.labels[val_idx], shifts_val)
+            prior = (-np.log(_class_weights(data.labels[train_idx], len(rec.labels)).numpy())
+                     if rec.class_weighting else None)
+            calibration = _calibrate(raw_val, data.labels[val_idx], shifts_val, prior)
             card["calibration"] = calibration
             model = FusionModel.from_parts(card, tensors)
             scores_val = (None if model.shift_reference is None
@@ -701,7 +730,83 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
                                  "temperature": None if calibration is None
                                  else calibration["temperature"]["temperature"]},
                                 sort_keys=True) + "\n")
+    card["training"]["history"] = _history(log_path)
+    card["training"]["warnings"] = _training_warnings(card, data, train_idx, rec)
+    for warning in card["training"]["warnings"]:
+        log.warning("%s", warning)
     save_package(out, card=card, tensors=tensors)
+    return out
+
+
+_HISTORY_KEYS = ("member", "stage", "epoch", "train_loss", "val_loss", "val_auroc",
+                 "val_accuracy", "val_collapsed")
+
+
+def _history(log_path: Path) -> list[dict[str, Any]]:
+    """The per-epoch validation metrics of the encoder epochs (the fusion head's hundreds of
+    millisecond epochs stay in metrics.jsonl), for the card and the console summary."""
+    out = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "epoch" not in record or record.get("stage") == "fusion_head":
+            continue
+        out.append({k: v for k, v in record.items()
+                    if k in _HISTORY_KEYS or k.startswith(("val_auroc_", "val_accuracy_"))})
+    return out
+
+
+def _training_warnings(card: Mapping[str, Any], data: PreparedDataset, train_idx: np.ndarray,
+                       rec: Recipe) -> list[str]:
+    """What a user must know before trusting the package: decisions no better than always
+    answering the majority label, a degenerate calibration, inputs that do not fit their
+    normalisation preset. Plain sentences, no identifiers."""
+    warnings: list[str] = []
+    splits = card["training"]["splits"]
+    for split in ("val", "test"):
+        metrics = card["metrics"].get(split) or {}
+        counts = list((splits.get(split) or {}).get("labels", {}).values())
+        if not metrics.get("n") or not counts or metrics.get("accuracy") is None:
+            continue
+        majority = max(counts) / sum(counts)
+        if metrics["accuracy"] < majority - 1e-9:
+            warnings.append(
+                f"{split} accuracy {metrics['accuracy']:.3f} is below the majority rate "
+                f"{majority:.3f} (always answering the most frequent label): the decisions are "
+                "not usable as they are; check the class balance and the calibration.")
+    calibration = card.get("calibration") or {}
+    scaler = calibration.get("temperature") or {}
+    if scaler.get("bound_hit"):
+        warnings.append(
+            f"calibration hit its search bound (T = {scaler.get('temperature', 1.0):.3g}): "
+            "the validation split gives no usable calibration; the probabilities are not "
+            "calibrated. Use a larger or more representative validation split.")
+    if scaler.get("separable"):
+        warnings.append(
+            "the validation split is separated perfectly, so no calibration was fitted "
+            "(T = 1): probabilities may be over-confident; use a larger validation split.")
+    warnings += _preset_warnings(data, train_idx, rec)
+    return warnings
+
+
+def _preset_warnings(data: PreparedDataset, train_idx: np.ndarray, rec: Recipe) -> list[str]:
+    """A CT preset given intensities that are not Hounsfield units (no air in any study)."""
+    out = []
+    for role, opts in rec.modalities.items():
+        if opts.normalization != "ct":
+            continue
+        quantities = [q for i in train_idx if (q := data.quantities.get(role, [])[i])]
+        lows = [q["p01"] for q in quantities if "p01" in q]
+        highs = [q["p99"] for q in quantities if "p99" in q]
+        if not lows or min(lows) < -200.0:
+            continue
+        lo, hi = opts.ct_window
+        fit = ("normalization: none" if max(highs) <= 1.5 and min(lows) >= -0.5
+               else "normalization: mr (z-score per volume)")
+        out.append(
+            f"`{role}` uses the CT preset (HU window [{lo:g}, {hi:g}]), but no training study "
+            f"has air (1st intensity percentiles {min(lows):g} to {max(lows):g}, 99th up to "
+            f"{max(highs):g}): these intensities do not look like Hounsfield units. Convert "
+            f"them to HU, or set {fit} for `{role}` in the recipe.")
     return out
 
 
@@ -733,17 +838,20 @@ def _input_domain(data: PreparedDataset, train_idx: np.ndarray, rec: Recipe) -> 
     return InputDomain.fit(role_quantities, [data.clinical_rows[i] for i in train_idx], numeric)
 
 
-def _calibrate(raw_probs: np.ndarray, y: np.ndarray, role_shifts: list[dict[str, float]]
-               ) -> dict[str, Any]:
-    """Temperature scaling (on log raw probabilities), the feature-shift reference and
-    conformal scores (on the distance-aware probabilities predictions use), on validation."""
-    from medfusion.uncertainty.calibration import TemperatureScaler
+def _calibrate(raw_probs: np.ndarray, y: np.ndarray, role_shifts: list[dict[str, float]],
+               prior_bias: np.ndarray | None = None) -> dict[str, Any]:
+    """Temperature scaling, with a per-class offset when cross-validation prefers it (on
+    log raw probabilities; ``prior_bias`` is the correction class weighting needs), the
+    feature-shift reference and conformal scores (on the distance-aware probabilities
+    predictions use), on validation."""
+    from medfusion.uncertainty.calibration import TemperatureScaler, fit_calibration
     from medfusion.uncertainty.conformal import ConformalPredictor
     from medfusion.uncertainty.shift import ShiftReference
 
     logits = np.log(np.clip(raw_probs, 1e-12, 1.0))
+    fit_report: dict[str, Any] | None = None
     if len(y) >= MIN_CALIBRATION and len(np.unique(y)) == raw_probs.shape[1]:
-        scaler = TemperatureScaler().fit(logits, y)
+        scaler, fit_report = fit_calibration(logits, y, prior_bias=prior_bias)
     else:
         # A handful of validation studies cannot pin a temperature down (a fit on 3 studies
         # gave T = 0.06, i.e. wildly over-confident): keep T = 1 and say so in the card.
@@ -759,5 +867,6 @@ def _calibrate(raw_probs: np.ndarray, y: np.ndarray, role_shifts: list[dict[str,
         # threshold: keep the package's shift unfitted (fixed flag, no adjustment).
         log.warning("validation split too small to fit the feature-shift reference")
     conformal = ConformalPredictor(method="lac").fit(probs, y)
-    return {"temperature": scaler.to_dict(), "conformal": conformal.to_dict(),
+    return {"temperature": scaler.to_dict(), "fit": fit_report,
+            "conformal": conformal.to_dict(),
             "shift": None if reference is None else reference.to_dict(), "n": int(len(y))}

@@ -1,0 +1,120 @@
+"""Calibration that can remove a bias: a network whose logits all lean to one class must come
+out of calibration with decisions no worse than always answering the majority label, and a
+degenerate fit must say so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import medfusion as mf
+from medfusion.testing.synthetic import write_cohort
+from medfusion.training.trainer import _decisions_collapse, _preset_warnings
+from medfusion.uncertainty.calibration import LogitScaler, TemperatureScaler, fit_calibration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _biased_logits(n: int, seed: int, offset: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """Binary logits with real signal (AUROC ~0.85), 23% positives, all shifted to class 1."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.23).astype(int)
+    margin = 1.6 * y + rng.normal(0.0, 1.0, n) + offset
+    return np.stack([np.zeros(n), margin], axis=1), y
+
+
+def test_temperature_alone_keeps_a_bias_the_offset_removes() -> None:
+    z_val, y_val = _biased_logits(300, 0)
+    z_test, y_test = _biased_logits(2000, 1)
+    majority = 1 - y_test.mean()
+    plain = TemperatureScaler().fit(z_val, y_val).transform(z_test)
+    assert np.mean(plain.argmax(1) == y_test) < 0.3  # every study called positive
+    scaler, report = fit_calibration(z_val, y_val)
+    assert report["chosen"] == "bias" and scaler.bias is not None
+    assert report["cv_nll"]["bias"] < report["cv_nll"]["temperature"]
+    probs = scaler.transform(z_test)
+    assert np.mean(probs.argmax(1) == y_test) >= majority
+    # calibrated, not only re-thresholded: mean probability near the positive rate
+    assert abs(probs[:, 1].mean() - y_test.mean()) < 0.05
+    again = LogitScaler.from_dict(scaler.to_dict())
+    np.testing.assert_array_equal(again.transform(z_test), probs)
+
+
+def test_prior_correction_is_a_candidate_for_class_weighted_training() -> None:
+    z_val, y_val = _biased_logits(300, 2, offset=0.0)
+    weights = np.array([300 / (2 * (y_val == 0).sum()), 300 / (2 * (y_val == 1).sum())])
+    # class weighting shifts the logits by log w: simulate it, then offer the correction
+    shifted = z_val + np.log(weights)
+    _, report = fit_calibration(shifted, y_val, prior_bias=-np.log(weights))
+    assert set(report["cv_nll"]) == {"temperature", "prior", "bias"}
+    assert report["chosen"] in ("prior", "bias")
+    assert report["accuracy_calibrated"] >= report["majority_rate"]
+
+
+def test_a_label_free_split_hits_the_bound_and_says_so() -> None:
+    rng = np.random.default_rng(3)
+    z = np.stack([np.zeros(200), rng.normal(0, 5, 200)], axis=1)  # no signal at all
+    y = (rng.random(200) < 0.5).astype(int)
+    scaler = TemperatureScaler().fit(z, y)
+    assert scaler.to_dict()["bound_hit"] is True
+
+
+def test_an_old_card_without_offsets_still_loads() -> None:
+    scaler = LogitScaler.from_dict({"temperature": 2.0, "n_samples": 10})
+    np.testing.assert_allclose(scaler.transform(np.array([[0.0, 2.0]])),
+                               TemperatureScaler.from_dict({"temperature": 2.0})
+                               .transform(np.array([[0.0, 2.0]])))
+
+
+def test_collapse_guard() -> None:
+    z, y = _biased_logits(200, 4)
+    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert not _decisions_collapse(probs, y)  # biased, but an offset separates the classes
+    flat = np.tile([[0.1, 0.9]], (200, 1))
+    assert _decisions_collapse(flat, y)
+
+
+def test_a_biased_network_is_calibrated_back_to_usable_decisions(tmp_path: Path) -> None:
+    """The demo model's network with a constant +6 added to its abnormal logit."""
+    model = mf.FusionModel.load(REPO / "data_samples" / "demo_model")
+    cohort = write_cohort(tmp_path / "c", 48, seed=11, roles=("ct",))
+    prepared, labels = [], []
+    for study_id in cohort.study_ids:
+        study = mf.load_study(cohort.study_dir(study_id))
+        prepared.append(model.prepare(study, keep_sources=False))
+        labels.append(int(cohort.subjects_labels[study_id] == "abnormal"))
+    from medfusion.models.fusion_model import stack_prepared
+
+    images, clinical, present = stack_prepared(prepared, model.roles)
+    with torch.no_grad():
+        model.net.fusion_head.classifier[-1].bias[1] += 6.0
+    raw = model.raw_probabilities_arrays(images, clinical, present)
+    y = np.asarray(labels)
+    assert np.mean(raw.argmax(1) == 1) == 1.0  # the bias wins everywhere
+    half = len(y) // 2
+    logits = np.log(np.clip(raw, 1e-12, 1.0))
+    scaler, _ = fit_calibration(logits[:half], y[:half], folds=3)
+    decided = scaler.transform(logits[half:]).argmax(1)
+    majority = max(np.mean(y[half:]), 1 - np.mean(y[half:]))
+    assert np.mean(decided == y[half:]) >= majority
+
+
+@pytest.mark.parametrize(("p01", "p99", "expected"), [
+    (0.0, 255.0, "normalization: mr"), (0.0, 1.0, "normalization: none"), (-1024.0, 900.0, None)])
+def test_ct_preset_on_non_hu_intensities_is_a_warning(p01: float, p99: float,
+                                                      expected: str | None) -> None:
+    from medfusion.training.dataset import PreparedDataset
+    from medfusion.training.recipe import load_recipe
+
+    rec = load_recipe({"labels": ["a", "b"], "modalities": {"ct": {}}})
+    data = PreparedDataset(rows=[], splits=["train"] * 3, images={}, present=np.ones((3, 1)),
+                           labels=np.zeros(3, dtype=int),
+                           quantities={"ct": [{"p01": p01, "p99": p99}] * 3})
+    warnings = _preset_warnings(data, np.arange(3), rec)
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and expected in warnings[0] and "Hounsfield" in warnings[0]
