@@ -27,13 +27,6 @@ SAMPLE_DX = SAMPLE_STUDY / "xray.dcm"
 SHARED = Path(os.environ.get("MEDFUSION_SHARED_DATA", REPO.parent / "shared" / "data"))
 REAL_CR = SHARED / "dicom" / "wg04" / "REF" / "RG2_UNC.dcm"
 
-# the loader's radiograph frame must be ITK's for the direction to match (docs/trust.md)
-_ITK_FRAME = pytest.mark.xfail(
-    strict=True,
-    reason="medfusion's loader places a radiograph without ImageOrientationPatient in the "
-           "coronal plane (j to the feet); ITK/GDCM use the identity orientation",
-)
-
 
 @pytest.fixture(scope="module")
 def model() -> medfusion.FusionModel:
@@ -104,7 +97,6 @@ def test_sample_dx_nifti_has_the_loader_affine(sample_outputs) -> None:
     _assert_ras_affine_read_back(written["xray.nii.gz"], explanation.saliency["xray"], source)
 
 
-@_ITK_FRAME
 def test_sample_dx_nifti_lies_on_the_grid_itk_reads_from_the_dicom(sample_outputs) -> None:
     _, _, written = sample_outputs
     dicom, nifti = _geometry(sitk.ReadImage(str(SAMPLE_DX))), \
@@ -129,7 +121,6 @@ def test_real_cr_nifti_has_the_loader_affine_and_the_header_spacing(real_cr_outp
     np.testing.assert_allclose(nifti["spacing"], [col_sp, row_sp, 1.0], atol=1e-6)
 
 
-@_ITK_FRAME
 def test_real_cr_nifti_has_the_direction_itk_reads_from_the_dicom(real_cr_outputs) -> None:
     _, _, written = real_cr_outputs
     nifti = _geometry(sitk.ReadImage(str(written["xray.nii.gz"])))

@@ -2162,6 +2162,24 @@ def _projection_spacing(
     return (float(chosen[0]), float(chosen[1])), findings, source
 
 
+def _projection_frame(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row direction, column direction, origin) of a radiograph in LPS: from
+    ImageOrientationPatient (two unit, perpendicular cosines) and ImagePositionPatient when
+    present and valid, else the identity orientation and origin 0, as ITK/GDCM read it."""
+    row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    if iop is not None and all(math.isfinite(v) for v in iop):
+        r, c = np.asarray(iop[:3]), np.asarray(iop[3:])
+        nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+        if nr > 1e-6 and nc > 1e-6 and abs(float(r @ c)) / (nr * nc) <= 1e-3:
+            row_dir, col_dir = r / nr, c / nc
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    origin = np.zeros(3)
+    if ipp is not None and all(math.isfinite(v) for v in ipp):
+        origin = np.asarray(ipp, dtype=np.float64)
+    return row_dir, col_dir, origin
+
+
 def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
     """A radiograph: modality LUT, VOI (LUT, else window, else full stored range) to
     [0, 1], then MONOCHROME1 inverted so that dense is bright. K = 1; frames go to T.
@@ -2254,12 +2272,17 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
     findings.extend(spacing_findings)
     meta_extra["spacing_source"] = spacing_source
     row_spacing, col_spacing = float(spacing[0]), float(spacing[1])
-    # Projection convention: i runs to the patient's left, j downwards (towards the feet),
-    # k is the (unit) beam axis; there is no patient position for a radiograph.
+    # The frame every DICOM toolkit (ITK/GDCM, dcm2niix) gives one image, so that maps
+    # written on this grid (saliency) overlay the radiograph in their viewers: the header's
+    # ImageOrientationPatient / ImagePositionPatient when present and valid (k = row x
+    # column, unit length), else the identity orientation with the origin at the first
+    # pixel. A radiograph rarely has them: its world frame is then a convention only.
+    row_dir, col_dir, origin = _projection_frame(ds)
     lps = np.eye(4)
-    lps[:3, 0] = (col_spacing, 0.0, 0.0)
-    lps[:3, 1] = (0.0, 0.0, -row_spacing)
-    lps[:3, 2] = (0.0, 1.0, 0.0)
+    lps[:3, 0] = row_dir * col_spacing
+    lps[:3, 1] = col_dir * row_spacing
+    lps[:3, 2] = np.cross(row_dir, col_dir)
+    lps[:3, 3] = origin
     arr = values.transpose(2, 1, 0)[:, :, None, :]  # (I, J, 1, F)
     if arr.shape[3] == 1:
         arr = arr[..., 0]

@@ -15,10 +15,11 @@ Geometry (RAS+ mm, nibabel convention, as ``Volume.affine``):
 * CT and MR are axial, as a DICOM series with ImageOrientationPatient ``[1,0,0, 0,1,0]``
   loads: array axis i runs to the patient's left, j to posterior, k to superior, so the
   affine is ``diag(-di, -dj, +dk)`` plus an origin that centres the field of view on world 0.
-* The radiograph (K = 1, 0.6 mm) is a frontal projection in the projection frame that
-  medfusion's DICOM reader returns: i to the patient's left, j towards the feet, k along
-  the beam, origin at the first pixel. Its ``lesion_world`` is in that frame, not the
-  CT/MR one (a projection has no patient position).
+* The radiograph (K = 1, 0.6 mm) is a frontal projection (columns run to the patient's
+  left, rows towards the feet) in the frame medfusion's DICOM reader gives a projection
+  without ImageOrientationPatient (ITK's: identity in LPS, origin at the first pixel).
+  Its ``lesion_world`` is in that frame, not the CT/MR one (a projection has no patient
+  position).
 
 Everything is a pure function of ``seed`` (numpy PCG64), so files written twice are
 byte-identical (DICOM UIDs are derived from the seed, NIfTI gzip has mtime 0).
@@ -225,11 +226,9 @@ def make_subject(
     xi, xj = xray_shape
     sx, sy = XRAY_SPACING
     centred = axial_affine((xi, xj, 1), (sx, sy, 1.0))  # to place the projection
-    # The radiograph's own frame, as medfusion's DICOM reader returns projections: i to the
-    # patient's left, j towards the feet, k along the beam, origin at the first pixel.
-    x_affine = np.array(
-        [[-sx, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [0.0, -sy, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-    )
+    # The radiograph's own frame, as medfusion's DICOM reader returns a projection without
+    # ImageOrientationPatient (ITK's identity in LPS): origin at the first pixel.
+    x_affine = np.diag([-sx, -sy, 1.0, 1.0])
     ii, jj = np.meshgrid(np.arange(xi, dtype=np.float64), np.arange(xj, dtype=np.float64),
                          indexing="ij")
     wx = centred[0, 3] - ii * sx  # subject world x of column i (RAS: left is -)
