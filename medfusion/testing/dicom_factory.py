@@ -236,7 +236,9 @@ def _set_pixels(ds: Dataset, frames_rc: np.ndarray, *, signed: int, bits_stored:
 def _save(ds: FileDataset, path: Path, transfer_syntax: str) -> Path:
     if transfer_syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         # Encapsulate with pydicom's encoders (RLE natively; JPEG 2000 via pylibjpeg-openjpeg).
-        ds.compress(transfer_syntax)
+        # Keep the seeded SOPInstanceUID: pydicom would draw a random one, and a UID of
+        # another length shifts every later byte, so byte-level fuzzing would not repeat.
+        ds.compress(transfer_syntax, generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
