@@ -118,3 +118,38 @@ def test_ct_preset_on_non_hu_intensities_is_a_warning(p01: float, p99: float,
         assert warnings == []
     else:
         assert len(warnings) == 1 and expected in warnings[0] and "Hounsfield" in warnings[0]
+
+
+def test_calibration_split_is_held_back_from_epoch_selection(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from medfusion.training.trainer import train
+
+    cohort = write_cohort(tmp_path / "c", 70, seed=12, roles=("ct",), formats={"ct": "nifti"})
+    with cohort.manifest.open(newline="") as handle:  # let the recipe's fractions split it
+        rows = [{k: v for k, v in r.items() if k != "split"} for r in csv.DictReader(handle)]
+    with cohort.manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    recipe = {"labels": ["normal", "abnormal"], "modalities": {"ct": {"grid": [16, 16, 16]}},
+              "fusion": "concat", "epochs": 2, "batch_size": 8, "val_fraction": 0.35,
+              "test_fraction": 0.1}
+    model = train(recipe, cohort.manifest, tmp_path / "m", seed=0, progress=False)
+    card = json.loads((model / "model.json").read_text())
+    splits = card["training"]["splits"]
+    assert splits["calibration"]["n"] >= 10 and splits["val"]["n"] >= 10
+    assert card["calibration"]["independent"] is True
+    assert card["calibration"]["conformal"]["nonempty"] is True
+    assert len(card["calibration"]["conformal"]["scores"]) == splits["calibration"]["n"]
+    assert card["metrics"]["calibration"]["n"] == splits["calibration"]["n"]
+    assert card["training"]["history"] and "val_auroc" in card["training"]["history"][-1]
+    assert not any("fewer than 20 validation" in w for w in card["training"]["warnings"])
+    # Too few validation studies: both roles share them, and the card says so.
+    small = train({**recipe, "val_fraction": 0.15}, cohort.manifest, tmp_path / "s", seed=0,
+                  progress=False)
+    card = json.loads((small / "model.json").read_text())
+    assert card["calibration"]["independent"] is False
+    assert "calibration" not in card["training"]["splits"]
+    assert any("fewer than 20 validation" in w for w in card["training"]["warnings"])

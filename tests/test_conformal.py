@@ -54,7 +54,8 @@ def test_matches_crepes_p_values(method: str) -> None:
     crepes = pytest.importorskip("crepes")
     probs, y = _population(600, seed=2)
     cal_p, cal_y, test_p = probs[:200], y[:200], probs[200:]
-    ours = ConformalPredictor(method).fit(cal_p, cal_y)
+    ours = ConformalPredictor(method, nonempty=False).fit(cal_p, cal_y)
+    nonempty = ConformalPredictor(method).fit(cal_p, cal_y)
     cal_scores = nonconformity(cal_p, method)[np.arange(200), cal_y]
     reference = crepes.ConformalClassifier().fit(cal_scores)
     for alpha in (0.05, 0.1, 0.3):
@@ -65,6 +66,29 @@ def test_matches_crepes_p_values(method: str) -> None:
         for i, s in enumerate(ours.prediction_sets(test_p, alpha=alpha)):
             got[i, list(s)] = 1
         np.testing.assert_array_equal(got, expected)
+        # Non-empty sets: crepes' set plus the predicted class, never empty.
+        plus = expected.copy()
+        plus[np.arange(len(test_p)), test_p.argmax(axis=1)] = 1
+        got = np.zeros_like(expected)
+        for i, s in enumerate(nonempty.prediction_sets(test_p, alpha=alpha)):
+            got[i, list(s)] = 1
+        np.testing.assert_array_equal(got, plus)
+        assert got.sum(axis=1).min() >= 1
+
+
+def test_separable_calibration_never_gives_an_empty_set() -> None:
+    """A calibration split the model separates perfectly gives a tiny LAC threshold; a test
+    study that is slightly less certain must still get its predicted class."""
+    cal = np.array([[0.999, 0.001], [0.001, 0.999]] * 20)
+    y = np.array([0, 1] * 20)
+    test = np.array([[0.99, 0.01], [0.02, 0.98]])
+    plain = ConformalPredictor("lac", nonempty=False).fit(cal, y).prediction_sets(test, 0.1)
+    assert plain == [(), ()]
+    sets = ConformalPredictor("lac").fit(cal, y).prediction_sets(test, 0.1)
+    assert sets == [(0,), (1,)]
+    old = ConformalPredictor.from_dict({**ConformalPredictor("lac").fit(cal, y).to_dict(),
+                                        "nonempty": False})
+    assert old.prediction_sets(test, 0.1) == [(), ()]
 
 
 def test_alpha_is_chosen_at_prediction_time_and_state_round_trips() -> None:

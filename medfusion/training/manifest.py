@@ -158,7 +158,7 @@ def read_manifest(path: str | Path, recipe: Recipe, *, require_labels: bool = Tr
     return rows
 
 
-def _grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
                      ) -> np.ndarray:
     """Boolean mask of a stratified, patient-grouped holdout of about ``fraction``."""
     from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
@@ -206,18 +206,18 @@ def assign_splits(rows: Sequence[ManifestRow], *, val_fraction: float, test_frac
         idx = np.flatnonzero(auto)
         # A test split is only carved when the manifest gives none.
         want_test = test_fraction if "test" not in patient_split.values() else 0.0
-        test_mask = _grouped_holdout(labels[idx], groups[idx], want_test, seed)
+        test_mask = grouped_holdout(labels[idx], groups[idx], want_test, seed)
         for i in idx[test_mask]:
             splits[i] = "test"
         rest = idx[~test_mask]
         frac = val_fraction / max(1e-9, 1.0 - want_test)
-        val_mask = _grouped_holdout(labels[rest], groups[rest], frac, seed + 1)
+        val_mask = grouped_holdout(labels[rest], groups[rest], frac, seed + 1)
         for i, is_val in zip(rest, val_mask, strict=False):
             splits[i] = "val" if is_val else "train"
     if "val" not in splits:
         idx = np.array([i for i, s in enumerate(splits) if s == "train"])
         if len(idx):
-            val_mask = _grouped_holdout(labels[idx], groups[idx], val_fraction, seed + 2)
+            val_mask = grouped_holdout(labels[idx], groups[idx], val_fraction, seed + 2)
             for i in idx[val_mask]:
                 splits[i] = "val"
     final = [s or "train" for s in splits]

@@ -66,6 +66,7 @@ _TOP_KEYS = {
     "tta",
     "aux_loss",
     "fusion_training",
+    "calibration_fraction",
 }
 AUGMENTS = ("none", "flip", "flip_permute")
 FUSION_TRAINING = ("staged", "joint")
@@ -137,6 +138,7 @@ class Recipe:
     tta: bool = False
     aux_loss: float = 0.5
     fusion_training: str = "staged"
+    calibration_fraction: float = 0.5
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -397,5 +399,7 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         aux_loss=_float(data.get("aux_loss", 0.5), "aux_loss", 0.0, 10.0),
         fusion_training=_name(data.get("fusion_training", "staged"), "fusion_training",
                               FUSION_TRAINING),
+        calibration_fraction=_float(data.get("calibration_fraction", 0.5),
+                                    "calibration_fraction", 0.0, 0.8),
         source=data,
     )

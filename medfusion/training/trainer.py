@@ -530,8 +530,10 @@ def _counts(data: PreparedDataset, labels: tuple[str, ...], roles: tuple[str, ..
             ) -> dict[str, Any]:
     """Training-data summary without any identifier: counts per split/label and missing."""
     out: dict[str, Any] = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", CALIBRATION_SPLIT, "test"):
         idx = data.indices(split)
+        if split == CALIBRATION_SPLIT and not len(idx):
+            continue
         c = Counter(int(data.labels[i]) for i in idx)
         out[split] = {
             "n": int(len(idx)),
@@ -594,7 +596,11 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
     cache = PreparedCache(Path(cache_dir) if cache_dir is not None
                           else default_cache_dir(manifest))
     data = build_dataset(rows, splits, rec, cache)
+    _carve_calibration(data, rec, seed)
     train_idx, val_idx, test_idx = (data.indices(s) for s in ("train", "val", "test"))
+    calib_idx = data.indices(CALIBRATION_SPLIT)
+    if len(calib_idx) == 0:
+        calib_idx = val_idx  # too few validation studies to hold some back: say so below
     if len(train_idx) == 0 or len(np.unique(data.labels[train_idx])) < 2:
         raise ManifestError("The training split needs studies of at least two labels (after "
                             "skipping studies that failed to load).")
@@ -705,18 +711,26 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
             return ({r: a[idx] for r, a in data.images.items()},
                     None if clinical is None else clinical[idx], data.present[idx])
 
-        if len(val_idx):
-            raw_val = model.raw_probabilities_arrays(*split_arrays(val_idx))
-            shifts_val = model_role_shifts(model.nets, *split_arrays(val_idx))
+        if len(calib_idx):
+            raw_cal = model.raw_probabilities_arrays(*split_arrays(calib_idx))
+            shifts_cal = model_role_shifts(model.nets, *split_arrays(calib_idx))
             prior = (-np.log(_class_weights(data.labels[train_idx], len(rec.labels)).numpy())
                      if rec.class_weighting else None)
-            calibration = _calibrate(raw_val, data.labels[val_idx], shifts_val, prior)
+            calibration = _calibrate(raw_cal, data.labels[calib_idx], shifts_cal, prior)
+            # Scores from studies that neither training nor epoch selection saw hold their
+            # coverage on new data; the selection split's are optimistic.
+            calibration["independent"] = bool(len(data.indices(CALIBRATION_SPLIT)))
             card["calibration"] = calibration
             model = FusionModel.from_parts(card, tensors)
-            scores_val = (None if model.shift_reference is None
-                          else model.shift_reference.scores_of(shifts_val))
-            metrics["val"] = summary_metrics(model.calibrated(raw_val, scores_val),
-                                             data.labels[val_idx])
+            for name, idx in (("val", val_idx), ("calibration", calib_idx)):
+                if name == "calibration" and not calibration["independent"]:
+                    continue
+                raw = model.raw_probabilities_arrays(*split_arrays(idx))
+                shifts = model_role_shifts(model.nets, *split_arrays(idx))
+                scores = (None if model.shift_reference is None
+                          else model.shift_reference.scores_of(shifts))
+                metrics[name] = summary_metrics(model.calibrated(raw, scores),
+                                                data.labels[idx])
         if len(test_idx):
             raw_test = model.raw_probabilities_arrays(*split_arrays(test_idx))
             shifts_test = None if model.shift_reference is None else [
@@ -780,6 +794,10 @@ def _training_warnings(card: Mapping[str, Any], data: PreparedDataset, train_idx
             f"calibration hit its search bound (T = {scaler.get('temperature', 1.0):.3g}): "
             "the validation split gives no usable calibration; the probabilities are not "
             "calibrated. Use a larger or more representative validation split.")
+    if calibration and not calibration.get("independent", True):
+        warnings.append(
+            "fewer than 20 validation studies: calibration and conformal scores come from the "
+            "studies that also chose the epoch, so prediction-set coverage may be optimistic.")
     if scaler.get("separable"):
         warnings.append(
             "the validation split is separated perfectly, so no calibration was fitted "
@@ -808,6 +826,29 @@ def _preset_warnings(data: PreparedDataset, train_idx: np.ndarray, rec: Recipe) 
             f"{max(highs):g}): these intensities do not look like Hounsfield units. Convert "
             f"them to HU, or set {fit} for `{role}` in the recipe.")
     return out
+
+
+CALIBRATION_SPLIT = "calibration"
+
+
+def _carve_calibration(data: PreparedDataset, rec: Recipe, seed: int) -> None:
+    """Hold back ``calibration_fraction`` of the validation split (grouped by patient,
+    stratified) for calibration, the feature-shift reference and conformal scores: the
+    epoch and the fusion head are then chosen on the rest, so the conformal scores come
+    from studies the selection never saw. Needs at least 2 x MIN_CALIBRATION validation
+    studies; with fewer, validation serves both (recorded as ``independent: false``)."""
+    from medfusion.training.manifest import grouped_holdout
+
+    val_idx = data.indices("val")
+    if rec.calibration_fraction <= 0 or len(val_idx) < 2 * MIN_CALIBRATION:
+        if rec.calibration_fraction > 0 and len(val_idx):
+            log.warning("only %d validation studies: calibration uses the same studies as "
+                        "epoch selection (conformal coverage may be optimistic)", len(val_idx))
+        return
+    groups = np.array([data.rows[i].patient_id for i in val_idx])
+    hold = grouped_holdout(data.labels[val_idx], groups, rec.calibration_fraction, seed + 3)
+    for i in val_idx[hold]:
+        data.splits[i] = CALIBRATION_SPLIT
 
 
 def _check_output_folder(out: Path, overwrite: bool) -> None:

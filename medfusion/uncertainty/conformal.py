@@ -6,7 +6,8 @@ calibration score contains the true class with probability at least ``1 - alpha`
 calibration and test studies are exchangeable (same population, same scanner mix...).
 
 * ``lac`` (least ambiguous set-valued classifier, Sadinle et al. 2019): score ``1 - p_c``.
-  Smallest sets on average; can be empty for an atypical study.
+  Smallest sets on average. Plain LAC can return an empty set; with ``nonempty=True`` (the
+  default) the predicted class always enters, which can only raise coverage.
 * ``aps`` (adaptive prediction sets, Romano et al. 2020), non-randomised: score = total
   probability of the classes ranked at or above ``c``. Sets grow with the model's own
   uncertainty; slightly conservative because it is not randomised (deterministic output).
@@ -66,11 +67,13 @@ class ConformalPredictor:
         abstain = [len(s) != 1 for s in sets]
     """
 
-    def __init__(self, method: str = "lac", class_conditional: bool = False) -> None:
+    def __init__(self, method: str = "lac", class_conditional: bool = False,
+                 nonempty: bool = True) -> None:
         if method not in METHODS:
             raise CalibrationError(f"unknown conformal method {method!r}; use one of {METHODS}.")
         self.method = method
         self.class_conditional = bool(class_conditional)
+        self.nonempty = bool(nonempty)
 
     def fit(self, probs_cal: Any, y: Any) -> ConformalPredictor:
         """Store the score of the true class of each calibration study."""
@@ -111,6 +114,11 @@ class ConformalPredictor:
             )
         included = nonconformity(p, self.method) <= self.thresholds(alpha)[None, :]
         order = np.argsort(-p, axis=1, kind="stable")
+        if self.nonempty:
+            # The predicted class always enters: an empty set would make the model abstain
+            # on exactly the studies it is surest about when the calibration split was
+            # (near) separable (a tiny LAC threshold), and adding it only raises coverage.
+            included[np.arange(len(p)), order[:, 0]] = True
         return [tuple(int(c) for c in row_order if row_in[c]) for row_order, row_in in
                 zip(order, included, strict=True)]
 
@@ -121,6 +129,7 @@ class ConformalPredictor:
             "kind": "split_conformal",
             "method": self.method,
             "class_conditional": self.class_conditional,
+            "nonempty": self.nonempty,
             "n_classes": self.n_classes_,
             "scores": [float(s) for s in self.scores_],
             "labels": [int(v) for v in self.labels_],
@@ -130,7 +139,9 @@ class ConformalPredictor:
     def from_dict(cls, state: dict[str, Any]) -> ConformalPredictor:
         """Rebuild a fitted predictor from :meth:`to_dict` output."""
         try:
-            predictor = cls(str(state["method"]), bool(state.get("class_conditional", False)))
+            # Cards written before non-empty sets existed keep their (possibly empty) sets.
+            predictor = cls(str(state["method"]), bool(state.get("class_conditional", False)),
+                            bool(state.get("nonempty", False)))
             scores = np.asarray(state["scores"], dtype=np.float64)
             labels = np.asarray(state["labels"], dtype=np.int64)
             n_classes = int(state["n_classes"])
