@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _codes_in_io() -> set[str]:
     codes: set[str] = set()
-    for path in sorted((REPO / "medfusion" / "io").glob("*.py")):
+    for path in sorted((REPO / "medfusion" / "io").rglob("*.py")):
         text = path.read_text()
         codes |= set(re.findall(r'code="([A-Z0-9_]+)"', text))
         codes |= set(re.findall(r'Finding\(\s*"([A-Z0-9_]+)"', text))
