@@ -47,6 +47,49 @@ def _check_mosaic_layout(wrapper: Any, ds: Any, what: str) -> None:
         )
 
 
+def _read_mosaic_file(h: _FileHeader, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """One mosaic file unpacked by nibabel: (data (rows, cols, slices) float32, LPS affine
+    over (row, col, slice)). Refuses an unreadable CSA header (``UNSUPPORTED_INPUT``), a
+    tile grid that does not divide the matrix (``INVALID_MOSAIC``), unreadable pixels or
+    geometry (``CORRUPT``) and a rescale that makes voxels non-finite (``INVALID_VALUES``)."""
+    from nibabel.nicom import dicomwrappers
+
+    _check_header_size(h, label)
+    _check_pixel_module(h, label)
+    ds = _full_dataset(h, label)
+    try:
+        wrapper = dicomwrappers.wrapper_from_data(ds)
+        is_mosaic = bool(getattr(wrapper, "is_mosaic", False))
+    except BaseException as exc:
+        if not _is_input_failure(exc):
+            raise
+        is_mosaic = False
+    if not is_mosaic:
+        raise UnsupportedInputError(
+            f"{label}: Siemens mosaic whose CSA header (NumberOfImagesInMosaic) cannot "
+            "be read. Convert the series with dcm2niix and load the NIfTI file.",
+        )
+    _check_mosaic_layout(wrapper, h.ds, label)
+    try:
+        data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, cols, slices)
+        affine = np.asarray(wrapper.affine, dtype=np.float64)  # LPS, (row, col, slice)
+    except BaseException as exc:
+        if not _is_input_failure(exc):
+            raise
+        raise CorruptFileError(
+            f"{label}: the mosaic's pixel data or geometry tags cannot be read "
+            f"({type(exc).__name__}). {_TRUNC_FIX}",
+        ) from None
+    if data.ndim != 3:
+        raise UnsupportedInputError(f"{label}: unexpected mosaic layout {data.shape}.")
+    if not np.all(np.isfinite(data)):  # nibabel applied the header's rescale unchecked
+        raise InvalidValuesError(
+            f"{label}: rescaling the mosaic produced NaN or infinite voxels (check "
+            "RescaleSlope/RescaleIntercept). Fix the header or exclude the series.",
+        )
+    return data, affine
+
+
 def _load_mosaic(headers: Sequence[_FileHeader], info: SeriesInfo, *, what: str) -> Volume:
     """Siemens mosaics (several slices tiled in one image, one file per time point).
 
@@ -55,44 +98,9 @@ def _load_mosaic(headers: Sequence[_FileHeader], info: SeriesInfo, *, what: str)
     logic as dcm2niix; one file is one 3D volume, several files are time points (4D)
     ordered by AcquisitionNumber then InstanceNumber.
     """
-    from nibabel.nicom import dicomwrappers
-
     volumes: list[tuple[tuple[int, int, int], np.ndarray, np.ndarray]] = []
     for n, h in enumerate(headers):
-        label = f"{what}, file #{n + 1}"
-        _check_header_size(h, label)
-        _check_pixel_module(h, label)
-        ds = _full_dataset(h, label)
-        try:
-            wrapper = dicomwrappers.wrapper_from_data(ds)
-            is_mosaic = bool(getattr(wrapper, "is_mosaic", False))
-        except BaseException as exc:
-            if not _is_input_failure(exc):
-                raise
-            is_mosaic = False
-        if not is_mosaic:
-            raise UnsupportedInputError(
-                f"{label}: Siemens mosaic whose CSA header (NumberOfImagesInMosaic) cannot "
-                "be read. Convert the series with dcm2niix and load the NIfTI file.",
-            )
-        _check_mosaic_layout(wrapper, h.ds, label)
-        try:
-            data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, cols, slices)
-            affine = np.asarray(wrapper.affine, dtype=np.float64)  # LPS, (row, col, slice)
-        except BaseException as exc:
-            if not _is_input_failure(exc):
-                raise
-            raise CorruptFileError(
-                f"{label}: the mosaic's pixel data or geometry tags cannot be read "
-                f"({type(exc).__name__}). {_TRUNC_FIX}",
-            ) from None
-        if data.ndim != 3:
-            raise UnsupportedInputError(f"{label}: unexpected mosaic layout {data.shape}.")
-        if not np.all(np.isfinite(data)):  # nibabel applied the header's rescale unchecked
-            raise InvalidValuesError(
-                f"{label}: rescaling the mosaic produced NaN or infinite voxels (check "
-                "RescaleSlope/RescaleIntercept). Fix the header or exclude the series.",
-            )
+        data, affine = _read_mosaic_file(h, f"{what}, file #{n + 1}")
         key = (_int(h.ds.get("AcquisitionNumber"), 0) or 0,
                _int(h.ds.get("InstanceNumber"), 0) or 0, n)
         # medfusion's axes: i along a row (columns), j along a column (rows)

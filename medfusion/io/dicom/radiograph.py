@@ -134,14 +134,9 @@ def _projection_frame(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return row_dir, col_dir, origin
 
 
-def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
-    """A radiograph: modality LUT, VOI (LUT, else window, else full stored range) to
-    [0, 1], then MONOCHROME1 inverted so that dense is bright. K = 1; frames go to T.
-
-    A malformed VOI LUT or an unusable window (see :func:`_window`) is ignored with a
-    ``VOI_IGNORED`` finding and the next VOI source is used."""
-    ds = h.ds
-    findings: list[Finding] = []
+def _projection_rescale(ds: Any, what: str) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a radiograph (1 and 0 when absent); refuses a
+    non-finite pair or one that scales stored values past float32 (``INVALID_VALUES``)."""
     slope = _float(ds.get("RescaleSlope"), 1.0) or 1.0
     intercept = _float(ds.get("RescaleIntercept"), 0.0) or 0.0
     if not (math.isfinite(slope) and math.isfinite(intercept)):
@@ -153,18 +148,16 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
             f"{what}: RescaleSlope/RescaleIntercept scale stored values beyond the float32 "
             "range (voxels would be infinite). Fix the header.",
         )
-    rows = _int(ds.get("Rows"), 0) or 0
-    cols = _int(ds.get("Columns"), 0) or 0
-    spacing, spacing_findings, spacing_source = _projection_spacing(ds, (rows, cols), what)
-    photometric = str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").upper()
-    stored, compressed = _read_stored(h, what, strict=strict)
-    frames = stored.astype(np.float32)
-    if compressed:
-        zeros = [f for f in range(stored.shape[0]) if not stored[f].any()]
-        if zeros:
-            findings.append(Finding("ZERO_FRAME", f"{len(zeros)} frame(s) decoded to all zeros.",
-                                    {"count": len(zeros)}))
-    values = frames * np.float32(slope) + np.float32(intercept)
+    return slope, intercept
+
+
+def _projection_voi(
+    values: np.ndarray, ds: Any, slope: float, intercept: float
+) -> tuple[np.ndarray, list[Finding], dict[str, Any]]:
+    """The VOI step to [0, 1]: the VOI LUT, else the first window, else the full stored
+    range. Returns (values, findings, meta); an unusable source is skipped with a
+    ``VOI_IGNORED`` finding."""
+    findings: list[Finding] = []
     meta_extra: dict[str, Any] = {}
     voi_seq = ds.get("VOILUTSequence")
     centers = _floats(ds.get("WindowCenter"))
@@ -207,7 +200,49 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
         lo_v, hi_v = min(a, b), max(a, b)
         voi = np.clip((values - lo_v) / max(hi_v - lo_v, 1e-12), 0.0, 1.0).astype(np.float32)
         meta_extra["voi"] = "none (full stored range)"
-    values = voi
+    return voi, findings, meta_extra
+
+
+def _projection_affine(ds: Any, spacing: tuple[float, float]) -> np.ndarray:
+    """The LPS affine of a radiograph on the grid ITK reads (see :func:`_projection_frame`)."""
+    row_spacing, col_spacing = float(spacing[0]), float(spacing[1])
+    # The frame every DICOM toolkit (ITK/GDCM, dcm2niix) gives one image, so that maps
+    # written on this grid (saliency) overlay the radiograph in their viewers: the header's
+    # ImageOrientationPatient / ImagePositionPatient when present and valid (k = row x
+    # column, unit length), else the identity orientation with the origin at the first
+    # pixel. A radiograph rarely has them: its world frame is then a convention only.
+    row_dir, col_dir, origin = _projection_frame(ds)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing
+    lps[:3, 1] = col_dir * row_spacing
+    lps[:3, 2] = np.cross(row_dir, col_dir)
+    lps[:3, 3] = origin
+    return lps
+
+
+def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: str) -> Volume:
+    """A radiograph: modality LUT, VOI (LUT, else window, else full stored range) to
+    [0, 1], then MONOCHROME1 inverted so that dense is bright. K = 1; frames go to T.
+
+    A malformed VOI LUT or an unusable window (see :func:`_window`) is ignored with a
+    ``VOI_IGNORED`` finding and the next VOI source is used."""
+    ds = h.ds
+    findings: list[Finding] = []
+    slope, intercept = _projection_rescale(ds, what)
+    rows = _int(ds.get("Rows"), 0) or 0
+    cols = _int(ds.get("Columns"), 0) or 0
+    spacing, spacing_findings, spacing_source = _projection_spacing(ds, (rows, cols), what)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").upper()
+    stored, compressed = _read_stored(h, what, strict=strict)
+    frames = stored.astype(np.float32)
+    if compressed:
+        zeros = [f for f in range(stored.shape[0]) if not stored[f].any()]
+        if zeros:
+            findings.append(Finding("ZERO_FRAME", f"{len(zeros)} frame(s) decoded to all zeros.",
+                                    {"count": len(zeros)}))
+    values = frames * np.float32(slope) + np.float32(intercept)
+    values, voi_findings, meta_extra = _projection_voi(values, ds, slope, intercept)
+    findings.extend(voi_findings)
     if photometric == "MONOCHROME1":
         values = np.float32(1.0) - values
         findings.append(
@@ -225,18 +260,7 @@ def _load_projection(h: _FileHeader, info: SeriesInfo, *, strict: bool, what: st
         )
     findings.extend(spacing_findings)
     meta_extra["spacing_source"] = spacing_source
-    row_spacing, col_spacing = float(spacing[0]), float(spacing[1])
-    # The frame every DICOM toolkit (ITK/GDCM, dcm2niix) gives one image, so that maps
-    # written on this grid (saliency) overlay the radiograph in their viewers: the header's
-    # ImageOrientationPatient / ImagePositionPatient when present and valid (k = row x
-    # column, unit length), else the identity orientation with the origin at the first
-    # pixel. A radiograph rarely has them: its world frame is then a convention only.
-    row_dir, col_dir, origin = _projection_frame(ds)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing
-    lps[:3, 1] = col_dir * row_spacing
-    lps[:3, 2] = np.cross(row_dir, col_dir)
-    lps[:3, 3] = origin
+    lps = _projection_affine(ds, spacing)
     arr = values.transpose(2, 1, 0)[:, :, None, :]  # (I, J, 1, F)
     if arr.shape[3] == 1:
         arr = arr[..., 0]
