@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "data_samples" / "demo_model"
-N_STUDIES = 96
+N_STUDIES = 160
 COHORT_SEED = 7  # make_samples.py uses another seed: the samples are unseen by the model
 
 RECIPE = {
