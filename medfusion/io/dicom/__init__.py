@@ -11,9 +11,16 @@ Reader contract (what :func:`load_series` / :func:`load_dicom_file` return):
   rows negated.
 * Slices are ordered by ImagePositionPatient projected on the normal, never by
   InstanceNumber or file name. The rules for duplicates, time points, gaps, uneven spacing
-  and gantry tilt are in ``docs/dicom.md`` and in :func:`_assemble_stack`.
+  and gantry tilt are in ``docs/dicom.md`` and in :func:`_assemble_stack`, whose named
+  steps live in :mod:`medfusion.io.dicom.stack`.
 * Nothing identifying leaves this module: series and studies are named by pseudonymous
   keys, metadata is an allow-list, messages carry no paths or UIDs.
+
+The package: ``headers`` (header-only scan, series records, tag helpers), ``pixels``
+(decoding), ``stack`` (assembly steps), ``series`` / ``enhanced`` / ``mosaic`` /
+``radiograph`` (one reader per kind of input), ``geometry`` and ``resample``, ``meta``
+and ``guard``; this ``__init__`` holds the public loaders and re-exports every helper
+name.
 """
 
 from __future__ import annotations
