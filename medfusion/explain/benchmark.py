@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medfusion.errors import ExplanationError
 from medfusion.types import Volume
 
 
@@ -32,6 +33,8 @@ class LesionStudy:
     prepared: Volume
     tensor: np.ndarray
     clinical: np.ndarray
+    decoy_world: tuple[float, float, float] | None = None
+    decoy_radius_mm: float = 0.0
 
 
 def lesion_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
@@ -50,10 +53,19 @@ def lesion_cohort(
     grid: tuple[int, int, int] = (24, 24, 24),
     radius_mm: float = 4.5,
     noise: float = 0.15,
+    decoy_radius_mm: float | None = None,
+    decoy_contrast: float = 1.0,
 ) -> list[LesionStudy]:
     """``n`` studies, alternating labels 0/1; positives carry one bright sphere placed at a
     random world position inside the field of view. Also a 2-feature clinical vector: the
-    first weakly follows the label, the second is noise."""
+    first weakly follows the label, the second is noise.
+
+    ``decoy_radius_mm``: every study, positive and negative alike, also carries a *decoy*, a
+    sphere of that radius and brightness ``decoy_contrast`` (the lesion's is 1) at a random
+    position whose surface is at least 2 mm clear of the lesion's. The decoy is as likely in
+    either class, so it carries no label information: a map that peaks on it points at a
+    structure the decision cannot rest on. None (default): no decoy.
+    """
     from medfusion.preprocess import RoleSpec, prepare_volume, to_tensor_input
 
     rng = np.random.default_rng(seed)
@@ -80,11 +92,29 @@ def lesion_cohort(
             dist = np.sqrt(((world - c.reshape(3, 1, 1, 1)) ** 2).sum(axis=0))
             array += np.clip(radius_mm + 0.5 - dist, 0.0, 1.0)
             centre = (float(c[0]), float(c[1]), float(c[2]))
+        decoy = None
+        if decoy_radius_mm is not None:
+            d_margin = decoy_radius_mm + np.asarray([2.0, 2.0, 3.0])
+            # rejection sampling, seeded: a decoy touching the lesion would make "on the
+            # lesion" ambiguous; a negative draws its decoy the same way (no class cue)
+            clear = radius_mm + decoy_radius_mm + 2.0
+            for _ in range(1000):
+                d = rng.uniform(-half + d_margin, half - d_margin)
+                if centre is None or float(np.linalg.norm(d - np.asarray(centre))) >= clear:
+                    break
+            else:
+                raise ExplanationError(
+                    "the field of view is too small to keep the decoy clear of the lesion; "
+                    "use a larger shape or smaller radii.", code="BAD_ARGUMENT")
+            dist = np.sqrt(((world - d.reshape(3, 1, 1, 1)) ** 2).sum(axis=0))
+            array += decoy_contrast * np.clip(decoy_radius_mm + 0.5 - dist, 0.0, 1.0)
+            decoy = (float(d[0]), float(d[1]), float(d[2]))
         source = Volume(array=array.astype(np.float32), affine=affine, modality="CT")
         prepared = prepare_volume(source, spec, role="ct")
         clinical = np.array([label + rng.normal(0.0, 1.5), rng.normal()], dtype=np.float32)
         studies.append(LesionStudy(source, label, centre, radius_mm, prepared,
-                                   to_tensor_input(prepared), clinical))
+                                   to_tensor_input(prepared), clinical, decoy,
+                                   0.0 if decoy_radius_mm is None else decoy_radius_mm))
     return studies
 
 
