@@ -81,6 +81,13 @@ def _candidates(encoder: nn.Module, encoder_name: str) -> list[str]:
     return list(reversed(convs))
 
 
+def candidate_layers(net: nn.Module, role: str) -> list[str]:
+    """The layers (names inside ``net.encoders[role]``) :func:`target_layer` chooses from,
+    deepest first."""
+    rc = _role_config(net, role)
+    return _candidates(net.encoders[role], rc.encoder)
+
+
 def target_layer(net: nn.Module, role: str) -> str:
     """The encoder layer (name inside ``net.encoders[role]``) Grad-CAM reads for ``role``.
 
