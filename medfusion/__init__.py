@@ -23,7 +23,7 @@ _EXPORTS = {
     "load_study": "medfusion.io.study:load_study",
     "read_clinical_csv": "medfusion.io.clinical:read_clinical_csv",
     "ClinicalSchema": "medfusion.io.clinical:ClinicalSchema",
-    "FusionModel": "medfusion.models.fusion_model:FusionModel",
+    "FusionModel": "medfusion.inference.model:FusionModel",
     "train": "medfusion.training.trainer:train",
     "score_folder": "medfusion.scoring.engine:score_folder",
     "validation_report": "medfusion.report.builder:validation_report",

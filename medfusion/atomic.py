@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from medfusion.errors import OutputError
+
 
 def ensure_output_dir(path: str | os.PathLike[str], *, what: str = "output folder") -> Path:
     """Create ``path`` (and parents) or raise ``OutputError`` (code ``OUTPUT_UNWRITABLE``)
     with a fix-it message, before any work is done."""
-    from medfusion.errors import OutputError
-
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,7 @@ def predict(
              "study (rows flagged CLINICAL_COLUMNS_MISSING); refused otherwise."),
 ) -> None:
     """Score every study of a manifest: study_id, predicted, prob_<label>, weight_<role>."""
-    from medfusion.models.fusion_model import predict_manifest
+    from medfusion.inference import predict_manifest
 
     try:
         path = predict_manifest(model_dir, manifest, out, explain=explain,

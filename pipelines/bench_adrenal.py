@@ -79,7 +79,7 @@ def test_metrics(model_dir: Path, manifest: Path, out_csv: Path) -> tuple[float,
     """Test AUC / ACC from predictions written by predict_manifest (public path)."""
     from sklearn.metrics import roc_auc_score
 
-    from medfusion.models.fusion_model import predict_manifest
+    from medfusion.inference import predict_manifest
 
     rows = {r["study_id"]: r for r in csv.DictReader(manifest.open())}
     test_ids = [sid for sid, r in rows.items() if r["split"] == "test"]

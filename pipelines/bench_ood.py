@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
     from medfusion.io.volume import load_volume
-    from medfusion.models.fusion_model import FusionModel
+    from medfusion.inference import FusionModel
     from medfusion.training.dataset import load_input_volume
     from medfusion.training.manifest import read_manifest
     from medfusion.training.recipe import load_recipe

@@ -86,7 +86,7 @@ def test_a_biased_network_is_calibrated_back_to_usable_decisions(tmp_path: Path)
         study = mf.load_study(cohort.study_dir(study_id))
         prepared.append(model.prepare(study, keep_sources=False))
         labels.append(int(cohort.subjects_labels[study_id] == "abnormal"))
-    from medfusion.models.fusion_model import stack_prepared
+    from medfusion.inference import stack_prepared
 
     images, clinical, present = stack_prepared(prepared, model.roles)
     with torch.no_grad():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from medfusion.errors import ModalityMismatchError, ModelPackageError, UntrustedCheckpointError
-from medfusion.models.fusion_model import FusionModel, predict_manifest
+from medfusion.inference import FusionModel, predict_manifest
 from medfusion.testing.synthetic import write_cohort
 from medfusion.training.dataset import load_input_volume
 from medfusion.training.trainer import train
@@ -177,12 +177,13 @@ def test_predict_manifest_rows(model_dir: Path, cohort: Path, tmp_path: Path) ->
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 16
     columns = list(rows[0])
-    assert columns[:8] == ["study_id", "predicted", "prob_normal", "prob_abnormal",
-                           "weight_ct", "weight_mr", "weight_xray", "weight_clinical"]
-    assert columns[8:] == ["raw_prob_normal", "raw_prob_abnormal", "entropy", "mutual_info",
-                           "prediction_set", "abstain", "shapley_ct", "shapley_mr",
-                           "shapley_xray", "shapley_clinical", "feature_shift",
-                           "shift_pvalue", "flags", "error"]
+    # the predictions table (medfusion.inference.table), then predict's own error column;
+    # Shapley values only when explanations are asked for
+    assert columns == ["study_id", "predicted", "prob_normal", "prob_abnormal",
+                       "raw_prob_normal", "raw_prob_abnormal", "entropy", "mutual_info",
+                       "feature_shift", "shift_pvalue", "prediction_set", "abstain",
+                       "modalities_used", "weight_ct", "weight_mr", "weight_xray",
+                       "weight_clinical", "flags", "error"]
     failed = [r for r in rows if r["error"]]
     assert len(failed) == 1 and failed[0]["predicted"] == ""  # the damaged study
     for r in rows:
@@ -208,7 +209,7 @@ def test_kernel_fusion_round_trip(cohort: Path, tmp_path: Path) -> None:
     assert a.modality_weights is None
     # Shapley values explain the SVM the model predicts with (not the network head): they
     # add up to its calibrated p(positive) minus the training base rate
-    from medfusion.explain.api import base_rate
+    from medfusion.models.protocol import base_rate
 
     model = FusionModel.load(path)
     raw = np.array([[a.raw_probabilities[lab] for lab in model.labels]])
@@ -261,6 +262,6 @@ def test_kernel_clinical_attributions_explain_the_svm(cohort: Path, tmp_path: Pa
 
 
 def fm_stack(prepared):  # noqa: ANN001, ANN201
-    from medfusion.models.fusion_model import stack_prepared
+    from medfusion.inference import stack_prepared
 
     return stack_prepared([prepared], ("ct",))

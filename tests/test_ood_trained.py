@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from medfusion.models.fusion_model import FusionModel
+from medfusion.inference import FusionModel
 from medfusion.testing.synthetic import write_cohort
 from medfusion.training.dataset import load_input_volume
 from medfusion.training.manifest import read_manifest

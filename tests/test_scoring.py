@@ -29,7 +29,7 @@ from test_scoring_support import (
 )
 
 from medfusion.errors import MedfusionError
-from medfusion.io.keys import pseudonym
+from medfusion.keys import pseudonym
 from medfusion.scoring.engine import score_folder
 from medfusion.testing import dicom_factory
 

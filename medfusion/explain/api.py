@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,30 +30,27 @@ from medfusion.explain.attribution import (
 )
 from medfusion.explain.export import saliency_to_source
 from medfusion.explain.gradcam import METHODS, role_cam
+from medfusion.models.net import FusionNet
+from medfusion.models.protocol import TrainedModel, base_rate, temperature_of
 from medfusion.types import Explanation, Volume
+
+__all__ = ["base_rate", "explain_prediction"]
 
 log = logging.getLogger("medfusion.explain")
 
 
-def _temperature(model: Any) -> float:
-    scaler = getattr(model, "temperature", None)
-    if scaler is None:
-        return 1.0
-    return float(getattr(scaler, "temperature", scaler))
+class PreparedStudy(Protocol):
+    """What explanations read from one prepared study
+    (``medfusion.inference.PreparedInputs`` has it)."""
+
+    tensors: Mapping[str, np.ndarray]
+    present: np.ndarray
+    clinical: np.ndarray | None
+    prepared: Mapping[str, Volume]
+    sources: Mapping[str, Volume]
 
 
-def base_rate(model: Any, target: int) -> float | None:
-    """The target class's share of the training split, from the model card (else None)."""
-    try:
-        counts = model.card["training"]["splits"]["train"]["labels"]
-        label = model.labels[int(target)]
-        total = sum(int(v) for v in counts.values())
-        return float(counts[label]) / total if total > 0 else None
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
-        return None
-
-
-def _inputs(prepared: Any, net: torch.nn.Module
+def _inputs(prepared: PreparedStudy, net: FusionNet
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
     images = {
         r: torch.from_numpy(np.ascontiguousarray(prepared.tensors[r], dtype=np.float32))[None]
@@ -68,8 +65,8 @@ def _inputs(prepared: Any, net: torch.nn.Module
 
 
 def explain_prediction(
-    model: Any,
-    prepared: Any,
+    model: TrainedModel,
+    prepared: PreparedStudy,
     target: int,
     method: str = "gradcam",
     *,
@@ -77,26 +74,26 @@ def explain_prediction(
 ) -> Explanation:
     """Explain class ``target`` for one study prepared by ``FusionModel.prepare``.
 
-    ``model`` is a :class:`~medfusion.models.fusion_model.FusionModel` (uses ``nets``,
-    ``modalities``, ``temperature``, ``preprocessor``, ``card``); ``method`` is
+    ``model`` is any :class:`~medfusion.models.protocol.TrainedModel` (a loaded
+    ``medfusion.FusionModel`` is one); ``method`` is
     ``"gradcam"`` or ``"gradcampp"``; ``clinical=False`` skips integrated gradients.
     """
     if method not in METHODS:
         raise ExplanationError(f"unknown saliency method {method!r}; use one of {METHODS}.")
-    nets = list(getattr(model, "nets", None) or [model.net])
+    nets = list(model.nets)
     modalities = list(model.modalities)
     present_flags = [bool(p) for p in np.asarray(prepared.present).ravel()]
     if len(present_flags) != len(modalities):
         raise ExplanationError("prepared inputs do not match the model's modalities.")
-    temperature = _temperature(model)
+    temperature = temperature_of(model)
     prior = base_rate(model, target)
 
     cams: dict[str, list[np.ndarray]] = {}
     shapley_runs: list[dict[str, float]] = []
     clinical_runs: list[dict[str, float]] = []
     weight_runs: list[Mapping[str, float]] = []
-    preproc = getattr(model, "preprocessor", None)
-    kernels = list(getattr(model, "kernels", None) or [])
+    preproc = model.preprocessor
+    kernels = list(model.kernels)
     for member, net in enumerate(nets):
         kernel = kernels[member] if kernels else None  # fusion: kernel predicts with an SVM
         images, clin, present = _inputs(prepared, net)
@@ -116,8 +113,7 @@ def explain_prediction(
                     and CLINICAL in modalities and present_flags[modalities.index(CLINICAL)]):
                 clinical_runs.append(clinical_attributions(
                     net, embeddings, present, clin, target, list(preproc.feature_names),
-                    variables=[*getattr(preproc, "numeric", []),
-                               *getattr(preproc, "categorical", [])] or None,
+                    variables=[*preproc.numeric, *preproc.categorical] or None,
                     temperature=temperature, kernel=kernel))
             for role in net.config.roles:
                 if present_flags[modalities.index(role)] and role in prepared.sources:

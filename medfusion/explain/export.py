@@ -20,6 +20,7 @@ import numpy as np
 
 from medfusion.atomic import atomic_path
 from medfusion.errors import ExplanationError, OutputError, UnsafePathError
+from medfusion.preprocess import map_to_source
 from medfusion.types import Explanation, Volume
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 def saliency_to_source(values: np.ndarray, prepared: Volume, source: Volume) -> Volume:
     """A [0, 1] map on the model grid of ``prepared`` -> a Volume on ``source``'s exact grid
     (spatial shape and affine), via :func:`medfusion.preprocess.map_to_source`."""
-    from medfusion.preprocess import map_to_source
-
     mapped = map_to_source(np.asarray(values, dtype=np.float32), prepared, source)
     array = np.clip(np.asarray(mapped.array, dtype=np.float32), 0.0, None)
     top = float(array.max()) if array.size else 0.0

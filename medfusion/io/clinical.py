@@ -49,6 +49,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from medfusion.errors import ClinicalSchemaError
+from medfusion.missing import MISSING_TOKENS, is_missing
 from medfusion.types import Finding
 
 __all__ = [
@@ -65,11 +66,6 @@ __all__ = [
     "validate_record",
     "validate_value",
 ]
-
-#: Cell texts read as a missing value (compared case-insensitively, after stripping). The
-#: only copy: training manifests, ``predict`` and ``score`` all read missing values with it,
-#: so a cell means the same thing whichever path reads it.
-MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "none", "null"})
 
 #: Flag put on every prediction row made while schema variables were absent from the file
 #: (accepted with ``allow_missing_clinical=True``); also the code of the table's finding.
@@ -279,15 +275,6 @@ class ClinicalTable(dict):  # type: ignore[type-arg]
     columns: tuple[str, ...] = ()
     absent: tuple[str, ...] = ()
     errors: Mapping[str, str] = MappingProxyType({})
-
-
-def is_missing(value: Any) -> bool:
-    """True for None, NaN and the :data:`MISSING_TOKENS` texts (any case, any spacing)."""
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in MISSING_TOKENS
 
 
 def validate_value(var: ClinicalVariable, raw: Any, where: str,

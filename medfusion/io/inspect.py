@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
-from medfusion.io.keys import pseudonym
+from medfusion.io.dicom import scan_dicom
 from medfusion.io.study import discover_study_files, load_study
+from medfusion.io.volume import load_volume
+from medfusion.keys import pseudonym
 from medfusion.types import Finding, Volume
 
 __all__ = ["inspect_path", "render_inspection", "find_study_folders"]
@@ -64,8 +66,6 @@ def _issues(findings: Sequence[Finding]) -> list[dict[str, Any]]:
 
 def _first_study_key(files: Sequence[Path]) -> str | None:
     """The DICOM study key of the first readable image among a few files (header only)."""
-    from medfusion.io.dicom import scan_dicom
-
     for path in files[:5]:
         try:
             scan = scan_dicom([path])
@@ -151,8 +151,6 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
             ) from None
         raise NoImagesError("the given path does not exist; check it and try again.") from None
     if p.is_file():
-        from medfusion.io.volume import load_volume
-
         vol = load_volume(p)
         role = _ROLE_OF_MODALITY.get(vol.modality, "image")
         report["studies"] = [{

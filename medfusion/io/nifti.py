@@ -59,8 +59,8 @@ from medfusion.errors import (
     TruncatedError,
     UnsupportedInputError,
 )
-from medfusion.io.keys import pseudonym
 from medfusion.io.limits import check_declared_size
+from medfusion.keys import pseudonym
 from medfusion.types import Finding, Volume
 
 __all__ = ["is_nifti_name", "load_nifti", "sniff_format", "sniff_gzip"]

@@ -45,8 +45,9 @@ from typing import Any
 import numpy as np
 
 from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
-from medfusion.io.keys import pseudonym
+from medfusion.io.dicom import load_series, scan_dicom
 from medfusion.io.nifti import is_nifti_name, load_nifti
+from medfusion.keys import pseudonym
 from medfusion.types import Finding, Study, Volume
 
 __all__ = [
@@ -301,8 +302,6 @@ class StudyPlan:
 def _scan(dicom_files: list[Path]) -> tuple[list[Any], list[tuple[Path, str]]]:
     if not dicom_files:
         return [], []
-    from medfusion.io.dicom import scan_dicom
-
     scan = scan_dicom(dicom_files)
     return list(scan.series), list(getattr(scan, "skipped", ()) or ())
 
@@ -364,8 +363,6 @@ def _load(cand: Candidate, strict: bool) -> Volume:
     if cand.source == "nifti":
         assert cand.path is not None
         return load_nifti(cand.path, strict=strict)
-    from medfusion.io.dicom import load_series
-
     return load_series(cand.info, strict=strict)
 
 

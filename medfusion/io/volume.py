@@ -6,6 +6,7 @@ from pathlib import Path
 
 from medfusion.errors import MixedSeriesError, NoImagesError
 from medfusion.io.dicom import SeriesInfo, iter_files, load_dicom_file, load_series, scan_dicom
+from medfusion.io.nifti import load_nifti, sniff_format
 from medfusion.types import Finding, Volume
 
 __all__ = ["load_volume", "is_nifti"]
@@ -14,8 +15,6 @@ def is_nifti(path: Path) -> bool:
     """A NIfTI file by its magic bytes (:func:`medfusion.io.nifti.sniff_format`), not by its
     first four bytes (a DICOM preamble may start with 348) nor its extension (D2: it may lie
     about gzip); the name decides only when the bytes say neither NIfTI nor DICOM."""
-    from medfusion.io.nifti import sniff_format
-
     kind = sniff_format(path)
     if kind != "unknown":
         return kind == "nifti"
@@ -72,8 +71,6 @@ def load_volume(
         raise NoImagesError("the given path does not exist. Check the path and try again.")
     if path.is_file():
         if is_nifti(path):
-            from medfusion.io.nifti import load_nifti
-
             return load_nifti(path, strict=strict)
         return load_dicom_file(path, strict=strict)
     files = iter_files(path)
@@ -81,8 +78,6 @@ def load_volume(
     if not scan.series:
         niftis = [f for f in files if f.name.lower().endswith((".nii", ".nii.gz"))]
         if len(niftis) == 1:
-            from medfusion.io.nifti import load_nifti
-
             return load_nifti(niftis[0], strict=strict)
         if not files:
             raise NoImagesError("the folder is empty: no files to load.")

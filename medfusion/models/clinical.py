@@ -24,7 +24,7 @@ from medfusion.errors import ClinicalSchemaError
 
 # The one missing-value vocabulary (also used by the CSV reader and the manifest): a cell the
 # reader calls missing must be imputed here, never parsed as a value.
-from medfusion.io.clinical import is_missing as _is_missing
+from medfusion.missing import is_missing as _is_missing
 
 MISSING = "__missing__"
 _TYPES = ("numeric", "categorical")
@@ -280,3 +280,11 @@ class ClinicalPreprocessor:
             )
         obj._params = {"version": int(d.get("version", 1)), "schema": obj.schema, **params}
         return obj
+
+
+def clinical_present(record: Mapping[str, Any] | None, columns: Sequence[str]) -> bool:
+    """The clinical branch counts as present when any of ``columns`` has a value (the
+    record as validated: missing cells are None)."""
+    if not record:
+        return False
+    return any(record.get(c) is not None for c in columns)

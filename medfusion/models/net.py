@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from medfusion.device import module_device
 from medfusion.errors import InvalidValuesError, ModalityMismatchError, RecipeError
 from medfusion.models.registry import (
     DEFAULT_ENCODER,
@@ -382,3 +385,46 @@ class FusionNet(nn.Module):
             present = self.infer_present(images, clinical)
         present = self.drop_modalities(self._check_present(present))
         return self.head(self.encode(images, clinical, present), present)
+
+
+# --- inference on arrays -----------------------------------------------------------------
+def run_net(net: FusionNet, images: Mapping[str, np.ndarray], clinical: np.ndarray | None,
+            present: np.ndarray, batch_size: int = 32
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Eval-mode forward pass in batches: (logits (N,C), weights (N,M) | None,
+    embeddings (N,M,E)) as numpy. The network's train/eval mode is restored afterwards."""
+    was_training = net.training
+    net.eval()
+    device = module_device(net)  # the trainer validates on the GPU when there is one
+    logits, weights, embeddings = [], [], []
+    n = int(present.shape[0])
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                sl = slice(start, start + batch_size)
+                imgs = {r: torch.from_numpy(np.ascontiguousarray(a[sl])).to(device)
+                        for r, a in images.items()}
+                clin = None if clinical is None else torch.from_numpy(
+                    np.ascontiguousarray(clinical[sl])).to(device)
+                pres = torch.from_numpy(np.ascontiguousarray(present[sl])).to(device)
+                out = net.head(net.encode(imgs, clin, pres), pres)
+                logits.append(out.logits.float().cpu().numpy())
+                embeddings.append(out.embeddings.float().cpu().numpy())
+                if out.weights is not None:
+                    weights.append(out.weights.float().cpu().numpy())
+    finally:
+        net.train(was_training)
+    return (np.concatenate(logits), np.concatenate(weights) if weights else None,
+            np.concatenate(embeddings))
+
+
+def tta_variants(images: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The batch under every combination of flips of the spatial axes (identity first);
+    unit axes (a radiograph's depth) are never flipped."""
+    variants = []
+    for axes in itertools.chain.from_iterable(
+            itertools.combinations((2, 3, 4), k) for k in range(4)):
+        variants.append({r: np.flip(a, axis=[ax for ax in axes if a.shape[ax] > 1])
+                         if any(a.shape[ax] > 1 for ax in axes) else a
+                         for r, a in images.items()})
+    return variants

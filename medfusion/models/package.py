@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from medfusion import __version__
 from medfusion.atomic import write_bytes
 from medfusion.errors import ModelPackageError, UntrustedCheckpointError
 
@@ -36,8 +37,6 @@ _UNTRUSTED_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".jobl
 
 
 def _version() -> str:
-    from medfusion import __version__
-
     return __version__
 
 

@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from medfusion import __version__
 from medfusion.atomic import ensure_output_dir, write_bytes
 from medfusion.errors import OutputError, ReportInputError
-from medfusion.io.keys import pseudonym
+from medfusion.keys import pseudonym, safe_component
 from medfusion.report import inputs as I
 from medfusion.report.analysis import Extras, Task, evaluate
 from medfusion.report.analysis import compare as compare_scores
 from medfusion.report.checklist import build_checklist
+from medfusion.report.render import render_html
 
 MAX_PNG_BYTES = 3 * 1024**2
 GALLERY_PER_CATEGORY = 2
@@ -56,12 +58,7 @@ def display_id(study_id: str) -> str:
 def _saliency_folder(root: Path, study_id: str) -> Path | None:
     """Where `medfusion score --explain` put a study's montages (its folder name is the
     study id when that is a plain name, else the study's pseudonym), kept inside ``root``."""
-    try:
-        from medfusion.scoring.outputs import safe_component
-
-        names = [safe_component(study_id, prefix="st-"), study_id]
-    except ImportError:  # scoring not installed: plain names only
-        names = [study_id]
+    names = [safe_component(study_id, prefix="st-"), study_id]
     for name in dict.fromkeys(names):
         folder = I.safe_child(root, name)
         if folder is not None and folder.is_dir():
@@ -497,8 +494,6 @@ def validation_report(
     import scipy
     import sklearn
 
-    from medfusion import __version__
-
     report: dict[str, Any] = {
         "schema": "medfusion.validation_report/1",
         "labels": list(sc.labels),
@@ -542,8 +537,6 @@ def validation_report(
         report.pop("comparison")
     report["checklist"] = build_checklist(report)
     report = _json_safe(report)
-
-    from medfusion.report.render import render_html
 
     html = render_html(report, gallery_images)
     out_dir = _prepare_out(Path(out))

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from medfusion.errors import NoImagesError, UnsafePathError, UnsupportedInputError
-from medfusion.io.keys import pseudonym
+from medfusion.keys import pseudonym
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Files a PACS export or an OS drops next to images; skipped without being opened.

@@ -22,23 +22,43 @@ import hashlib
 import logging
 import os
 import platform
-import random
 import shutil
 import sys
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from medfusion import __version__
 from medfusion.errors import ClinicalSchemaError, MedfusionError, OutputError
-from medfusion.io.keys import pseudonym
+from medfusion.explain.export import write_explanation
+from medfusion.inference.table import prediction_row
+from medfusion.io.clinical import FLAG_COLUMNS_MISSING, read_clinical_csv
+from medfusion.keys import pseudonym, safe_component
 from medfusion.scoring import outputs as O
 from medfusion.scoring.discovery import Discovery, StudyRef, discover_studies
 from medfusion.scoring.pool import InlinePreparer, LocalPool, ScorerFactory
+from medfusion.scoring.ray_engine import RayPreparer
 from medfusion.scoring.scorer import Scorer, failure, load_fusion_scorer, quiet_libraries
+from medfusion.seeding import seed_everything, study_seed
 from medfusion.types import Prediction
+
+__all__ = ["RunOptions", "RunSummary", "score_folder", "score_row", "study_seed"]
 
 log = logging.getLogger("medfusion.scoring")
 
@@ -67,6 +87,28 @@ class RunSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a scoring run is given (see :func:`score_folder` for each option)."""
+
+    studies_root: str
+    model_dir: str
+    out_path: Path
+    clinical_csv: str | os.PathLike[str] | None = None
+    workers: int = 1
+    resume: bool = False
+    explain: bool = False
+    alpha: float = 0.1
+    engine: str = "local"
+    ray_address: str | None = None
+    seed: int = 0
+    time_budget_s: float | None = None
+    memory_budget_mb: float | None = None
+    progress: bool = True
+    command_line: Sequence[str] | None = None
+    allow_missing_clinical: bool = False
+
+
 # --------------------------------------------------------------------------------------
 # helpers
 
@@ -75,13 +117,9 @@ def _bad_option(message: str) -> MedfusionError:
     return MedfusionError(message, code="BAD_OPTION")
 
 
-def _check_options(
-    workers: int,
-    alpha: float,
-    engine: str,
-    time_budget_s: float | None,
-    memory_budget_mb: float | None,
-) -> None:
+def _check_options(opts: RunOptions) -> None:
+    workers, alpha, engine = opts.workers, opts.alpha, opts.engine
+    time_budget_s, memory_budget_mb = opts.time_budget_s, opts.memory_budget_mb
     if not isinstance(workers, int) or workers < 0:
         raise _bad_option("--workers must be 0 (inline) or a positive number of processes")
     if not 0.0 < float(alpha) < 1.0:
@@ -93,33 +131,13 @@ def _check_options(
             raise _bad_option(f"the {name} must be positive")
 
 
-def study_seed(seed: int, study_id: str) -> int:
-    """A per-study seed: the same study gets the same randomness whatever the order in
-    which studies finish (so any worker count gives the same bytes)."""
-    digest = hashlib.sha256(f"{int(seed)}:{study_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
-def _seed_everything(value: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
 def _file_sha256(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    import medfusion
-
-    out = {"medfusion": medfusion.__version__, "python": platform.python_version()}
+    out = {"medfusion": __version__, "python": platform.python_version()}
     for dist in ("torch", "monai", "numpy", "pydicom", "nibabel", "SimpleITK", "scikit-learn",
                  "scipy", "safetensors", "ray"):
         try:
@@ -148,42 +166,21 @@ def safe_command_line(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _join(values: Sequence[str] | None) -> str:
-    return "" if values is None else "|".join(str(v) for v in values)
-
-
-def _bool(value: bool | None) -> str:
-    return "" if value is None else ("true" if value else "false")
-
-
-def prediction_row(
+def score_row(
     study_id: str,
     pred: Prediction,
     labels: Sequence[str],
     modalities: Sequence[str],
     extra_flags: Sequence[str],
     saliency: Mapping[str, str] | None,
+    *,
+    explain: bool,
 ) -> dict[str, str]:
-    """One scores.csv row, every value already formatted (fixed floats, '|' lists)."""
-    row: dict[str, str] = {"study_id": study_id, "status": "scored", "predicted": pred.predicted}
-    for label in labels:
-        row[f"prob_{label}"] = O.fmt_float(pred.probabilities.get(label))
-    for label in labels:
-        row[f"raw_prob_{label}"] = O.fmt_float(pred.raw_probabilities.get(label))
-    row["entropy"] = O.fmt_float(pred.entropy)
-    row["mutual_info"] = O.fmt_float(pred.mutual_info)
-    row["feature_shift"] = O.fmt_float(pred.feature_shift)
-    row["shift_pvalue"] = O.fmt_float(pred.shift_pvalue)
-    if pred.prediction_set is None:
-        row["prediction_set"] = ""
-    else:  # in the model's label order, never in set-iteration order
-        row["prediction_set"] = _join([x for x in labels if x in set(pred.prediction_set)])
-    row["abstain"] = _bool(pred.abstain)
-    row["modalities_used"] = _join(pred.modalities_used)
-    weights = pred.modality_weights or {}
-    for name in modalities:
-        row[f"weight_{name}"] = O.fmt_float(weights.get(name))
-    row["flags"] = _join(sorted({*pred.flags, *extra_flags}))
+    """One scores.csv row: the predictions table's cells (Shapley values with ``explain``)
+    plus the scoring bookkeeping (``status``, ``saliency_<role>`` paths)."""
+    row = prediction_row(study_id, pred, labels, modalities, shapley=explain,
+                         extra_flags=extra_flags)
+    row["status"] = "scored"
     for role, path in (saliency or {}).items():
         row[f"saliency_{role}"] = path
     return row
@@ -202,12 +199,10 @@ def write_saliency(
     sal_root = out / O.SALIENCY
     staging = sal_root / ".staging"  # hidden: never mistaken for a study's folder
     staging.mkdir(parents=True, exist_ok=True)
-    folder_name = O.safe_component(study_id, prefix="st-")
+    folder_name = safe_component(study_id, prefix="st-")
     final = O.path_under(sal_root, folder_name)
     tmp = O.path_under(staging, folder_name)
     shutil.rmtree(tmp, ignore_errors=True)
-    from medfusion.explain.export import write_explanation
-
     paths = write_explanation(explanation, staging, folder_name, images=images)
     written = {}
     for role in sorted(explanation.saliency):
@@ -231,17 +226,6 @@ class _Progress:
         self._progress = None
         if not enabled:
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self._progress = Progress(
             TextColumn("scoring"),
             BarColumn(),
@@ -295,8 +279,6 @@ def _read_clinical(path: str | os.PathLike[str], scorer: Scorer,
     """Clinical rows keyed by ``study_id``, read with the model's schema. The file's
     structure (id column, duplicate ids, columns matching the schema) is checked here and
     refused before scoring; a bad cell only fails its own study."""
-    from medfusion.io.clinical import FLAG_COLUMNS_MISSING, read_clinical_csv
-
     schema = getattr(scorer, "clinical_schema", None) or None
     table = read_clinical_csv(path, schema=schema, id_column="study_id",
                               allow_missing_clinical=allow_missing, bad_values="collect")
@@ -315,19 +297,11 @@ def _clinical_failure(ref: StudyRef, message: str) -> dict[str, Any]:
             "status": "failed", "failure": fail, "stage": "clinical", "code": fail["code"]}
 
 
-def _make_preparer(
-    engine: str,
-    workers: int,
-    model_dir: str,
-    scorer: Scorer,
-    factory: ScorerFactory,
-    ray_address: str | None,
-    time_budget_s: float | None,
-    memory_budget_mb: float | None,
-) -> Any:
+def _make_preparer(opts: RunOptions, scorer: Scorer, factory: ScorerFactory) -> Any:
+    engine, workers, model_dir, ray_address = (opts.engine, opts.workers, opts.model_dir,
+                                               opts.ray_address)
+    time_budget_s, memory_budget_mb = opts.time_budget_s, opts.memory_budget_mb
     if engine == "ray":
-        from medfusion.scoring.ray_engine import RayPreparer
-
         return RayPreparer(max(1, workers), model_dir, factory=factory, ray_address=ray_address,
                            time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb)
     if workers == 0:
@@ -373,32 +347,34 @@ def score_folder(
     """
     t_start = time.monotonic()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _check_options(workers, alpha, engine, time_budget_s, memory_budget_mb)
-    model_dir = os.path.abspath(os.fspath(model_dir))
-    studies_root = os.path.abspath(os.fspath(studies_dir))
-    out_path = Path(os.path.abspath(os.fspath(out_dir)))
+    opts = RunOptions(
+        studies_root=os.path.abspath(os.fspath(studies_dir)),
+        model_dir=os.path.abspath(os.fspath(model_dir)),
+        out_path=Path(os.path.abspath(os.fspath(out_dir))),
+        clinical_csv=clinical_csv, workers=workers, resume=resume, explain=explain,
+        alpha=alpha, engine=engine, ray_address=ray_address, seed=seed,
+        time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb, progress=progress,
+        command_line=command_line, allow_missing_clinical=allow_missing_clinical,
+    )
+    _check_options(opts)
+    model_dir = opts.model_dir
 
     # 1. fatal checks, cheapest and side-effect free first.
     if not os.path.isdir(model_dir):
-        raise MedfusionError("--model must be a model folder (written by FusionModel.save)",
+        raise MedfusionError("--model must be a model folder (written by `medfusion train`)",
                              code="MODEL_PACKAGE")
     early = None
     if engine == "local" and workers > 0:
         # Start the workers first: their imports and model loading overlap the parent's.
         early = LocalPool(workers, model_dir, factory=scorer_factory,
                           time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb)
-    import torch
-
     # Inference in this process runs on one thread: the bytes then do not depend on the
     # machine or on --workers, and torch's thread pool does not spin against the workers
     # (measured: 114 s of CPU instead of ~10 s for 200 studies on 2 cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(early, studies_root, model_dir, out_path, clinical_csv, workers, resume,
-                    explain, alpha, engine, ray_address, seed, time_budget_s, memory_budget_mb,
-                    progress, command_line, scorer_factory, t_start, started_at,
-                    allow_missing_clinical)
+        return _run(opts, early, scorer_factory, t_start, started_at)
     finally:
         torch.set_num_threads(threads)
         if early is not None:
@@ -406,28 +382,19 @@ def score_folder(
 
 
 def _run(
+    opts: RunOptions,
     early: LocalPool | None,
-    studies_root: str,
-    model_dir: str,
-    out_path: Path,
-    clinical_csv: str | os.PathLike[str] | None,
-    workers: int,
-    resume: bool,
-    explain: bool,
-    alpha: float,
-    engine: str,
-    ray_address: str | None,
-    seed: int,
-    time_budget_s: float | None,
-    memory_budget_mb: float | None,
-    progress: bool,
-    command_line: Sequence[str] | None,
     scorer_factory: ScorerFactory,
     t_start: float,
     started_at: str,
-    allow_missing_clinical: bool = False,
 ) -> RunSummary:
     """The body of :func:`score_folder` once options are checked (see its docstring)."""
+    studies_root, model_dir, out_path = opts.studies_root, opts.model_dir, opts.out_path
+    clinical_csv, workers, resume, explain = (opts.clinical_csv, opts.workers, opts.resume,
+                                              opts.explain)
+    alpha, engine, seed = opts.alpha, opts.engine, opts.seed
+    time_budget_s, memory_budget_mb = opts.time_budget_s, opts.memory_budget_mb
+    allow_missing_clinical, command_line = opts.allow_missing_clinical, opts.command_line
     scorer = scorer_factory(model_dir)
     labels = tuple(scorer.labels)
     roles = tuple(scorer.roles)
@@ -457,8 +424,7 @@ def _run(
     }
     # The engine starts before the journal is opened: a Ray cluster that cannot be reached
     # is a fatal error that leaves OUT empty (a plain re-run needs no --resume).
-    preparer = early or _make_preparer(engine, workers, model_dir, scorer, scorer_factory,
-                                       ray_address, time_budget_s, memory_budget_mb)
+    preparer = early or _make_preparer(opts, scorer, scorer_factory)
     try:
         journal = O.Journal(out / O.JOURNAL)
         if resume:
@@ -472,7 +438,7 @@ def _run(
     n_resumed = sum(1 for ref in found.studies if ref.study_id in journal.entries)
     todo = deque(ref for ref in found.studies if ref.study_id not in journal.entries)
     for ref in todo:  # saliency renamed into place by a killed run, before its journal line
-        stale = out / O.SALIENCY / O.safe_component(ref.study_id, prefix="st-")
+        stale = out / O.SALIENCY / safe_component(ref.study_id, prefix="st-")
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -486,7 +452,7 @@ def _run(
             "workers": workers, "engine": engine, "explain": bool(explain),
             "alpha": float(alpha), "resume": bool(resume),
             "time_budget_s": time_budget_s, "memory_budget_mb": memory_budget_mb,
-            "clinical_sha256": clinical_sha, "ray_cluster": bool(ray_address),
+            "clinical_sha256": clinical_sha, "ray_cluster": bool(opts.ray_address),
             "allow_missing_clinical": bool(allow_missing_clinical),
         },
         "seeds": {"seed": int(seed), "per_study": "sha256(seed:study_id)[:4]"},
@@ -525,7 +491,7 @@ def _run(
     newly = 0
     try:
         snapshot("running")
-        bar = _Progress(progress, total=len(found.studies), done=n_resumed)
+        bar = _Progress(opts.progress, total=len(found.studies), done=n_resumed)
         ready: deque[dict[str, Any]] = deque()
         max_ready = max(1, workers)  # prepared studies waiting for inference (bounded)
         last_snapshot = time.monotonic()
@@ -631,7 +597,7 @@ def _predict_record(
     stage = "predict"
     t0 = time.perf_counter()
     try:
-        _seed_everything(study_seed(seed, ref.study_id))
+        seed_everything(study_seed(seed, ref.study_id))
         with quiet_libraries():
             pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha)
             timings["predict_s"] = round(time.perf_counter() - t0, 4)
@@ -642,7 +608,8 @@ def _predict_record(
                 saliency = write_saliency(out, ref.study_id, pred.explanation, sources)
                 timings["explain_s"] = round(time.perf_counter() - t0 - timings["predict_s"], 4)
         flags = [*([FLAG_NO_CLINICAL] if no_clinical else []), *clinical_flags]
-        row = prediction_row(ref.study_id, pred, labels, modalities, flags, saliency)
+        row = score_row(ref.study_id, pred, labels, modalities, flags, saliency,
+                        explain=explain)
     except OutputError:
         raise  # the disk, not the study: stop (resume later)
     except OSError as error:

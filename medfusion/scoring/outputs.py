@@ -8,7 +8,7 @@
 * saliency of one study is written into a temporary folder under ``OUT/saliency`` and renamed
   into place in one step, before the study's journal line.
 
-Rows are formatted once (fixed column order, ``%.6f`` floats) and stored as strings in the
+Rows are formatted once (by :mod:`medfusion.inference.table`) and stored as strings in the
 journal, so rebuilding is byte-exact whatever the order in which studies finished.
 """
 
@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,10 @@ from typing import Any
 
 from medfusion.atomic import atomic_open, ensure_output_dir, write_text
 from medfusion.errors import OutputError, UnsafePathError
-from medfusion.io.keys import pseudonym
+from medfusion.inference.table import prediction_columns
+from medfusion.keys import safe_component
+
+__all__ = ["safe_component", "score_columns"]
 
 JOURNAL = "journal.jsonl"
 SCORES = "scores.csv"
@@ -35,20 +37,6 @@ FAILURES = "failures.csv"
 RUN_JSON = "run.json"
 SALIENCY = "saliency"
 FAILURE_COLUMNS = ("study_id", "stage", "code", "message")
-FLOAT_FORMAT = "%.6f"
-
-_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def fmt_float(value: float | None) -> str:
-    """Fixed float format; empty for missing (never ``nan`` text in a CSV)."""
-    if value is None:
-        return ""
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        return ""
-    text = FLOAT_FORMAT % value
-    return "0.000000" if text == "-0.000000" else text  # one spelling of zero
 
 
 def score_columns(
@@ -58,27 +46,16 @@ def score_columns(
     *,
     modalities: Sequence[str] | None = None,
 ) -> list[str]:
-    """The fixed column order of scores.csv for a model (documented in docs/scoring.md).
-
-    ``weight_<m>`` runs over the model's modalities (imaging roles, then ``clinical`` when
-    the model has a clinical branch); ``saliency_<role>`` over imaging roles."""
-    cols = ["study_id", "status", "predicted"]
-    cols += [f"prob_{label}" for label in labels]
-    cols += [f"raw_prob_{label}" for label in labels]
-    cols += ["entropy", "mutual_info", "feature_shift", "shift_pvalue", "prediction_set",
-             "abstain", "modalities_used"]
-    cols += [f"weight_{m}" for m in (roles if modalities is None else modalities)]
-    cols += ["flags"]
+    """The column order of scores.csv for a model (documented in docs/scoring.md): the
+    predictions table of :mod:`medfusion.inference.table` (Shapley values with
+    ``explain``), with ``status`` after ``study_id`` and, with ``explain``,
+    ``saliency_<role>`` over imaging roles at the end."""
+    shared = prediction_columns(labels, roles if modalities is None else modalities,
+                                shapley=explain)
+    cols = [shared[0], "status", *shared[1:]]
     if explain:
         cols += [f"saliency_{role}" for role in roles]
     return cols
-
-
-def safe_component(name: str, *, prefix: str = "k-") -> str:
-    """``name`` if it is a harmless single path component, else its pseudonym (F4)."""
-    if _SAFE_COMPONENT.match(name) and name not in {".", ".."}:
-        return name
-    return pseudonym(name, prefix=prefix)
 
 
 def path_under(base: str | os.PathLike[str], *parts: str) -> Path:

@@ -151,7 +151,7 @@ def worker_main(
 
 
 # Imported once by the fork server, so every worker starts with them loaded.
-_PRELOAD = ["torch", "monai.networks", "medfusion.scoring.pool", "medfusion.models.fusion_model",
+_PRELOAD = ["torch", "monai.networks", "medfusion.scoring.pool", "medfusion.inference",
             "medfusion.io.study", "medfusion.io.volume", "medfusion.preprocess"]
 
 

@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from medfusion.errors import MedfusionError
-from medfusion.scoring.pool import ScorerFactory, Task, budget_failure
+from medfusion.scoring.pool import ScorerFactory, Task, _silence_process, budget_failure
+from medfusion.scoring.scorer import failure, prepare_task
 
 # One scorer per Ray worker process and model folder: the model is read once, not per task.
 _SCORERS: dict[str, Any] = {}
@@ -33,9 +34,6 @@ def _ray_prepare(
     """Body of one Ray task: the same work as a local worker does for one study."""
     global _SILENCED
     import warnings
-
-    from medfusion.scoring.pool import _silence_process
-    from medfusion.scoring.scorer import failure, prepare_task
 
     if not _SILENCED:
         _silence_process()  # Ray worker logs are files on every node: keep them PHI-free

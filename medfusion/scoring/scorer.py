@@ -7,7 +7,7 @@ A :class:`Scorer` splits the work so that the batch can overlap I/O with compute
   processes in a fraction of the time a full 512x512x200 volume does);
 * ``predict(prepared, explain, alpha)`` runs in the parent, one study at a time.
 
-:class:`FusionModelScorer` adapts :class:`medfusion.models.fusion_model.FusionModel`.
+:class:`FusionModelScorer` adapts :class:`medfusion.inference.FusionModel`.
 :func:`prepare_task` is what a worker runs for one :class:`StudyRef`; it never raises:
 every failure comes back as a PHI-free failure record.
 """
@@ -15,7 +15,8 @@ every failure comes back as a PHI-free failure record.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
@@ -33,6 +34,8 @@ from medfusion.errors import (
     ModelPackageError,
     NoImagesError,
 )
+from medfusion.inference import FusionModel, PreparedInputs
+from medfusion.io.study import load_study
 from medfusion.scoring.discovery import StudyRef, input_digest, study_files
 from medfusion.types import Prediction, Study
 
@@ -57,20 +60,18 @@ class Scorer(Protocol):
 
 
 class FusionModelScorer:
-    """A :class:`Scorer` over a saved FusionModel package (``FusionModel.load(dir)``)."""
+    """A :class:`Scorer` over a saved model package (``FusionModel.load(dir)``)."""
 
-    def __init__(self, model: Any, model_dir: str) -> None:
+    def __init__(self, model: FusionModel, model_dir: str) -> None:
         self.model = model
         self.model_dir = model_dir
-        self.labels = tuple(str(x) for x in model.labels)
-        self.roles = tuple(str(x) for x in model.roles)
-        self.modalities = tuple(str(x) for x in getattr(model, "modalities", model.roles))
+        self.labels = tuple(model.labels)
+        self.roles = tuple(model.roles)
+        self.modalities = tuple(model.modalities)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str]) -> FusionModelScorer:
         """Load the package; any problem is a :class:`ModelPackageError` (fatal, exit 1)."""
-        from medfusion.models.fusion_model import FusionModel
-
         try:
             model = FusionModel.load(model_dir)
         except MedfusionError:
@@ -78,42 +79,34 @@ class FusionModelScorer:
         except Exception as error:  # unexpected reader failure: still a clean refusal
             raise ModelPackageError(
                 f"could not load the model package ({type(error).__name__}); check --model "
-                "points at a folder written by FusionModel.save",
+                "points at a folder written by `medfusion train`",
             ) from None
         return cls(model, os.fspath(model_dir))
 
-    def prepare(self, study: Study, *, explain: bool) -> Any:
+    def prepare(self, study: Study, *, explain: bool) -> PreparedInputs:
         # Without explanations neither the full-size source volumes nor the model-grid
         # Volumes are needed in the parent: shipping only the tensors is several times
         # cheaper between processes (design.md).
         prepared = self.model.prepare(study, keep_sources=explain)
-        if not explain and getattr(prepared, "prepared", None):
-            prepared = dataclasses.replace(prepared, prepared={}, sources={})
-        return prepared
+        return prepared if explain else prepared.tensors_only()
 
-    def predict(self, prepared: Any, *, explain: bool, alpha: float) -> Prediction:
+    def predict(self, prepared: PreparedInputs, *, explain: bool, alpha: float) -> Prediction:
         # One study per call: batching would make the floats depend on which studies
         # happened to be ready together, and rows must not depend on the worker count.
         return self.model.predict_prepared([prepared], explain=explain, alpha=alpha)[0]
 
     @property
-    def clinical_schema(self) -> Any:
+    def clinical_schema(self) -> dict[str, dict[str, Any]] | None:
         """The clinical schema the model was trained with (None when it has none)."""
-        return getattr(self.model, "clinical_schema", None)
+        return self.model.clinical_schema or None
 
     @property
     def uses_clinical(self) -> bool:
-        card = getattr(self.model, "card", None) or {}
-        recipe = card.get("recipe", {}) if isinstance(card, Mapping) else {}
-        return bool(recipe.get("clinical")) if isinstance(recipe, Mapping) else False
+        return self.model.card.uses_clinical
 
     def describe(self) -> dict[str, Any]:
-        import hashlib
-        import json
-
-        card = getattr(self.model, "card", None) or {}
+        card = self.model.card.to_dict()
         card_json = json.dumps(card, sort_keys=True, default=str).encode("utf-8")
-        recipe = card.get("recipe") if isinstance(card, Mapping) else None
         files = {}
         for name in sorted(os.listdir(self.model_dir)):
             path = os.path.join(self.model_dir, name)
@@ -126,7 +119,7 @@ class FusionModelScorer:
             "labels": list(self.labels),
             "roles": list(self.roles),
             "modalities": list(self.modalities),
-            "recipe": recipe,
+            "recipe": card.get("recipe"),
         }
 
 
@@ -180,7 +173,7 @@ _CHATTY_LOGGERS = ("pydicom", "nibabel", "monai", "PIL", "matplotlib")
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Silence library warnings and loggers for the duration: pydicom, for one, logs the
-    offending *value* of an invalid header element, which may be a patient name (G1)."""
+    offending *value* of an invalid header element, which may be a patient name."""
     loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
     before = [lg.disabled for lg in loggers]
     with warnings.catch_warnings():
@@ -308,8 +301,6 @@ def prepare_task(
 ) -> dict[str, Any]:
     """Load and prepare one study. Returns a record with ``ok`` and either ``prepared`` or
     ``failure``, plus the input digest, counts and timings. Never raises."""
-    from medfusion.io.study import load_study
-
     t0 = time.perf_counter()
     tracked = memory_budget_mb is not None and reset_peak_rss()
     base_mb = rss_mb() if tracked else None

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from medfusion.errors import UnsupportedInputError
+from medfusion.testing.dicom_factory import write_radiograph, write_series
 from medfusion.types import Volume
 
 #: Clinical schema of the synthetic records, in the form ``ClinicalSchema.from_dict`` reads.
@@ -300,8 +301,6 @@ def write_dicom_series(
 ) -> list[Path]:
     """Write a DICOM series (one file per k, shuffled names) with the DICOM factory; the
     headers carry the factory's sentinel identifiers."""
-    from medfusion.testing.dicom_factory import write_series
-
     return write_series(
         folder,
         array,
@@ -319,8 +318,6 @@ def write_dicom_radiograph(
     path: Path, array_ij: np.ndarray, spacing: tuple[float, float], *, seed: int
 ) -> Path:
     """Write a DX radiograph (MONOCHROME2, 12-bit, no VOI window so values load as stored)."""
-    from medfusion.testing.dicom_factory import write_radiograph
-
     row_col = (float(spacing[1]), float(spacing[0]))  # DICOM order: row spacing, column spacing
     return write_radiograph(
         path,

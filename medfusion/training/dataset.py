@@ -22,10 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from medfusion import __version__
 from medfusion.atomic import atomic_open
 from medfusion.errors import MedfusionError
+from medfusion.io.volume import load_volume
+from medfusion.models.clinical import clinical_present
+from medfusion.preprocess import prepare_volume, to_tensor_input
 from medfusion.training.manifest import ManifestRow
 from medfusion.training.recipe import Recipe
+from medfusion.types import Volume
 from medfusion.uncertainty.domain import volume_quantities
 
 log = logging.getLogger("medfusion.training")
@@ -47,8 +52,6 @@ def _input_fingerprint(path: Path) -> list[Any]:
 
 def cache_key(path: Path, spec: Mapping[str, Any]) -> str:
     """Digest of an input (resolved path + sizes + mtimes) and its preprocessing spec."""
-    from medfusion import __version__
-
     payload = json.dumps(
         [_CACHE_VERSION, __version__, str(path.resolve()), _input_fingerprint(path), dict(spec)],
         sort_keys=True, default=str,
@@ -112,10 +115,8 @@ class PreparedCache:
             log.warning("could not write a prepared-input cache entry; continuing without it")
 
 
-def load_input_volume(path: Path) -> Any:
+def load_input_volume(path: Path) -> Volume:
     """``medfusion.io.volume.load_volume`` (a DICOM folder/file or a NIfTI file)."""
-    from medfusion.io.volume import load_volume
-
     return load_volume(path)
 
 
@@ -123,8 +124,6 @@ def prepare_input(path: Path, spec: Any, cache: PreparedCache
                   ) -> tuple[np.ndarray, dict[str, float]]:
     """One role input as the model tensor (1, I, J, K) float32 and the acquisition
     quantities of the volume as loaded (for the package's input domain), both cached."""
-    from medfusion.preprocess import prepare_volume, to_tensor_input
-
     key = cache_key(path, spec.to_dict())
     hit = cache.get(key)
     quantities = cache.get_quantities(key)
@@ -159,13 +158,6 @@ class PreparedDataset:
 
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
-
-
-def clinical_present(record: Mapping[str, Any] | None, columns: Sequence[str]) -> bool:
-    """The clinical branch counts as present when any recipe column has a value."""
-    if not record:
-        return False
-    return any(record.get(c) is not None for c in columns)
 
 
 def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Recipe,

@@ -24,11 +24,10 @@ from typing import Any
 
 import yaml
 
-from medfusion.errors import RecipeError
-
-# Fallback names, used only while medfusion.models.registry is not importable.
-_FALLBACK_ENCODERS = ("smallcnn", "densenet121", "resnet10", "resnet18")
-_FALLBACK_HEADS = ("attention", "concat", "gated", "late", "kernel")
+from medfusion.errors import MedfusionError, RecipeError
+from medfusion.io.clinical import ClinicalSchema
+from medfusion.models import registry
+from medfusion.preprocess import RoleSpec
 
 NORMALIZATIONS = ("ct", "mr", "xray", "none", "auto")
 FITS = ("resize", "crop_pad")
@@ -74,12 +73,7 @@ FUSION_TRAINING = ("staged", "joint")
 
 def registry_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Registered encoder and fusion-head names (from medfusion.models.registry)."""
-    try:
-        from medfusion.models import registry
-
-        return tuple(sorted(registry.ENCODERS)), tuple(sorted(registry.FUSION_HEADS))
-    except ImportError:  # pragma: no cover - only while the model layer is being written
-        return _FALLBACK_ENCODERS, _FALLBACK_HEADS
+    return tuple(sorted(registry.ENCODERS)), tuple(sorted(registry.FUSION_HEADS))
 
 
 @dataclass(frozen=True)
@@ -100,8 +94,6 @@ class ModalityOptions:
 
     def role_spec(self) -> Any:
         """The preprocessing RoleSpec for this role."""
-        from medfusion.preprocess import RoleSpec
-
         return RoleSpec(
             grid=self.grid,
             spacing=self.spacing,
@@ -318,15 +310,9 @@ def _clinical(raw: Any) -> dict[str, dict[str, Any]]:
 
 
 def _check_clinical_schema(schema: Mapping[str, Mapping[str, Any]]) -> None:
-    """Let the clinical schema (engineer B) validate extra keys (unit, range, levels)."""
+    """Let the clinical schema validate the extra keys (unit, range, levels)."""
     if not schema:
         return
-    try:
-        from medfusion.io.clinical import ClinicalSchema
-    except ImportError:  # pragma: no cover - io layer still being written
-        return
-    from medfusion.errors import MedfusionError
-
     try:
         ClinicalSchema.from_dict({k: dict(v) for k, v in schema.items()})
     except MedfusionError as exc:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -30,22 +29,25 @@ import torch
 
 from medfusion.device import module_device, select_device
 from medfusion.errors import ManifestError, OutputError
+from medfusion.inference import FusionModel
+from medfusion.models.card import CARD_FORMAT
+from medfusion.models.clinical import ClinicalPreprocessor
+from medfusion.models.kernel import KernelFusionClassifier
+from medfusion.models.net import CLINICAL, FusionNet, NetConfig, RoleNetConfig, run_net
+from medfusion.models.package import save_package
+from medfusion.seeding import seed_everything
 from medfusion.training.dataset import PreparedCache, PreparedDataset, build_dataset
-from medfusion.training.manifest import assign_splits, read_manifest
+from medfusion.training.manifest import assign_splits, grouped_holdout, read_manifest
 from medfusion.training.recipe import Recipe, load_recipe
+from medfusion.uncertainty.calibration import TemperatureScaler, fit_calibration
+from medfusion.uncertainty.conformal import ConformalPredictor
 from medfusion.uncertainty.domain import InputDomain
+from medfusion.uncertainty.shift import ShiftReference, model_role_shifts
 
 log = logging.getLogger("medfusion.training")
 
-FORMAT = "medfusion-model/1"
+FORMAT = CARD_FORMAT  # the model card's format version (checked when a package loads)
 MIN_CALIBRATION = 10  # fewer validation studies than this: no temperature is fitted
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (the network init and modality dropout use torch's RNG)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def default_cache_dir(manifest: Path) -> Path:
@@ -230,8 +232,6 @@ def _selectable(epoch: int, recipe: Recipe) -> bool:
 
 def _modality_modules(net: torch.nn.Module, modality: str) -> list[torch.nn.Module]:
     """The encoder and LayerNorm that produce one modality's embedding."""
-    from medfusion.models.net import CLINICAL
-
     encoder = net.clinical_encoder if modality == CLINICAL else net.encoders[modality]
     return [encoder, net.norms[modality]]
 
@@ -254,7 +254,6 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
     2. the fusion head is trained on the frozen encoders' embeddings (modality dropout
        still applies), with early stopping on the fused validation AUROC.
     """
-    from medfusion.models.fusion_model import run_net
 
     device = select_device()
     net.to(device)
@@ -361,7 +360,6 @@ def _fit_fusion_head(net: torch.nn.Module, data: PreparedDataset, clinical: np.n
                      recipe: Recipe, *, weight: torch.Tensor | None, gen: torch.Generator,
                      member: int, log_handle: Any) -> dict[str, Any]:
     """Stage 2: the fusion head alone, on the frozen encoders' (eval-mode) embeddings."""
-    from medfusion.models.fusion_model import run_net
 
     device = module_device(net)
     train_idx, val_idx = data.indices("train"), data.indices("val")
@@ -428,7 +426,6 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
                recipe: Recipe, *, seed: int, member: int, log_handle: Any,
                progress: Any, task: Any, deadline: float | None) -> dict[str, Any]:
     """Joint training: encoders and head together, with auxiliary per-modality losses."""
-    from medfusion.models.fusion_model import run_net
 
     device = select_device()
     net.to(device)
@@ -573,11 +570,6 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
     otherwise, before any work) unless ``overwrite``: then the package files are replaced
     and nothing else in the folder is touched.
     """
-    from medfusion.models.fusion_model import FusionModel, run_net
-    from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig
-    from medfusion.models.package import save_package
-    from medfusion.uncertainty.shift import model_role_shifts
-
     started = time.monotonic()
     rec = load_recipe(recipe)
     manifest = Path(manifest)
@@ -612,8 +604,6 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
     preproc = None
     clinical = None
     if rec.clinical:
-        from medfusion.models.clinical import ClinicalPreprocessor
-
         preproc = ClinicalPreprocessor({k: dict(v) for k, v in rec.clinical.items()})
         preproc.fit([data.clinical_rows[i] for i in train_idx])
         clinical = np.asarray(preproc.transform(data.clinical_rows), dtype=np.float32)
@@ -662,8 +652,6 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
                     tensors[prefix + k] = v
                 entry: dict[str, Any] = {"prefix": prefix, **info}
                 if rec.fusion == "kernel":
-                    from medfusion.models.kernel import KernelFusionClassifier
-
                     _, _, emb = run_net(net, {r: a[train_idx] for r, a in data.images.items()},
                                         None if clinical is None else clinical[train_idx],
                                         data.present[train_idx])
@@ -837,8 +825,6 @@ def _carve_calibration(data: PreparedDataset, rec: Recipe, seed: int) -> None:
     epoch and the fusion head are then chosen on the rest, so the conformal scores come
     from studies the selection never saw. Needs at least 2 x MIN_CALIBRATION validation
     studies; with fewer, validation serves both (recorded as ``independent: false``)."""
-    from medfusion.training.manifest import grouped_holdout
-
     val_idx = data.indices("val")
     if rec.calibration_fraction <= 0 or len(val_idx) < 2 * MIN_CALIBRATION:
         if rec.calibration_fraction > 0 and len(val_idx):
@@ -885,10 +871,6 @@ def _calibrate(raw_probs: np.ndarray, y: np.ndarray, role_shifts: list[dict[str,
     log raw probabilities; ``prior_bias`` is the correction class weighting needs), the
     feature-shift reference and conformal scores (on the distance-aware probabilities
     predictions use), on validation."""
-    from medfusion.uncertainty.calibration import TemperatureScaler, fit_calibration
-    from medfusion.uncertainty.conformal import ConformalPredictor
-    from medfusion.uncertainty.shift import ShiftReference
-
     logits = np.log(np.clip(raw_probs, 1e-12, 1.0))
     fit_report: dict[str, Any] | None = None
     if len(y) >= MIN_CALIBRATION and len(np.unique(y)) == raw_probs.shape[1]:

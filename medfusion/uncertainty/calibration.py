@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medfusion.errors import CalibrationError
+from medfusion.numerics import softmax
 from medfusion.uncertainty._arrays import as_numpy, check_labels, check_scores
 
 log = logging.getLogger("medfusion.uncertainty")
@@ -36,14 +37,6 @@ log = logging.getLogger("medfusion.uncertainty")
 # every test prediction into p = 1.0 and every entropy into 0). Such a split is therefore
 # treated as "no evidence to sharpen": T = 1, recorded as ``separable`` in the state.
 _LOG_T_BOUND = 3.0
-
-
-def softmax(logits: Any) -> np.ndarray:
-    """Numerically stable softmax over the last axis (float64)."""
-    z = as_numpy(logits)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 _BIAS_BOUND = 15.0  # |b| bound: beyond it a class is never (or always) predicted anyway

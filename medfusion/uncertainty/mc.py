@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medfusion.errors import CalibrationError
-from medfusion.uncertainty.calibration import softmax
+from medfusion.numerics import softmax
 
 # every dropout flavour in torch derives from _DropoutNd (Dropout, Dropout1d/2d/3d,
 # AlphaDropout, FeatureAlphaDropout)

@@ -1,6 +1,8 @@
-"""Per-study trust numbers for a loaded FusionModel, computed from one encoder pass.
+"""Per-study trust numbers for a trained model, computed from one encoder pass.
 
-:func:`trust_outputs` is what ``FusionModel.predict_prepared`` calls: for a single-network
+They combine uncertainty (MC dropout, feature shift) with explanation (Shapley values), so
+they live here, above both. :func:`trust_outputs` is what ``FusionModel.predict_prepared``
+calls: for a single-network
 model it draws MC-dropout samples of the fusion head (mutual information and the spread of
 the predicted class's probability; an ensemble gets those from its members instead), and
 for every model it computes exact modality Shapley values and the feature-statistics shift
@@ -18,17 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from medfusion.uncertainty.calibration import softmax
+from medfusion.explain.attribution import modality_shapley
+from medfusion.models.protocol import TrainedModel, base_rate, temperature_of
+from medfusion.numerics import softmax
 from medfusion.uncertainty.mc import dropout_modules, dropout_only
 from medfusion.uncertainty.metrics import mutual_information
 from medfusion.uncertainty.shift import (
     FLAG_OOD,
     SHIFT_FLAG_THRESHOLD,
+    ShiftReference,
     raw_shift,
     record_shift,
     role_shifts_of,
@@ -58,13 +62,8 @@ def shapley_target(n_classes: int, probs_row: np.ndarray) -> int:
     return 1 if n_classes == 2 else int(np.argmax(probs_row))
 
 
-def _temperature(model: Any) -> float:
-    scaler = getattr(model, "temperature", None)
-    return 1.0 if scaler is None else float(getattr(scaler, "temperature", scaler))
-
-
 def trust_outputs(
-    model: Any,
+    model: TrainedModel,
     images: Mapping[str, np.ndarray],
     clinical: np.ndarray | None,
     present: np.ndarray,
@@ -73,27 +72,25 @@ def trust_outputs(
     n_samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     shapley: bool = True,
+    shift_reference: ShiftReference | None = None,
 ) -> TrustOutputs:
     """MC-dropout uncertainty (single-network models) and modality Shapley values.
 
     ``images`` / ``clinical`` / ``present`` are the stacked batch arrays the model predicted
-    on, ``probs`` its calibrated probabilities (N, C).
+    on, ``probs`` its calibrated probabilities (N, C); ``shift_reference`` the validation
+    reference of the feature shift (None: the raw shift against a fixed threshold).
     """
-    from medfusion.explain.api import base_rate
-    from medfusion.explain.attribution import modality_shapley
-
-    nets = list(getattr(model, "nets", None) or [model.net])
+    nets = list(model.nets)
     n = int(np.asarray(present).shape[0])
-    temperature = _temperature(model)
-    use_mc = len(nets) == 1 and not getattr(model, "kernels", None) and bool(
-        dropout_modules(nets[0]))
+    temperature = temperature_of(model)
+    use_mc = len(nets) == 1 and not model.kernels and bool(dropout_modules(nets[0]))
     n_classes = int(np.asarray(probs).shape[1])
     targets = [shapley_target(n_classes, np.asarray(probs)[i]) for i in range(n)]
     priors = {t: base_rate(model, t) for t in set(targets)}
     per_member: list[list[dict[str, float]]] = []
     mc = np.zeros((n_samples, n, n_classes)) if use_mc else None
     shifts: list[list[dict[str, float]]] = [[] for _ in range(n)]
-    kernels = list(getattr(model, "kernels", None) or [])
+    kernels = list(model.kernels)
     for member, net in enumerate(nets):
         kernel = kernels[member] if kernels else None
         was_training = net.training
@@ -129,7 +126,7 @@ def trust_outputs(
             phi[i] = {k: float(np.mean([m[i][k] for m in per_member])) for k in keys}
     # per role, the mean over ensemble members; then normalised by the validation reference
     per_role = [{r: float(np.mean([m[r] for m in v])) for r in v[0]} for v in shifts]
-    reference = getattr(model, "shift_reference", None)
+    reference = shift_reference
     shift = [reference.score(r) if reference is not None else raw_shift(r) for r in per_role]
     pvalues = None
     if reference is not None:
