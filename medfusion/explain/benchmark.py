@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 from medfusion.errors import ExplanationError
+from medfusion.explain.export import saliency_to_source
+from medfusion.explain.gradcam import role_cam
+from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig
+from medfusion.preprocess import RoleSpec, prepare_volume, to_tensor_input
 from medfusion.types import Volume
 
 
@@ -66,8 +70,6 @@ def lesion_cohort(
     either class, so it carries no label information: a map that peaks on it points at a
     structure the decision cannot rest on. None (default): no decoy.
     """
-    from medfusion.preprocess import RoleSpec, prepare_volume, to_tensor_input
-
     rng = np.random.default_rng(seed)
     affine = lesion_affine(shape, spacing)
     idx = np.indices(shape, dtype=np.float64).reshape(3, -1)
@@ -129,8 +131,6 @@ def train_lesion_model(
 ) -> torch.nn.Module:
     """A small FusionNet (``smallcnn`` on role ``ct`` + 2 clinical features) trained with
     Adam on ``studies``; returned in eval mode."""
-    from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig
-
     grid = tuple(int(g) for g in studies[0].tensor.shape[1:])
     torch.manual_seed(seed)
     net = FusionNet(NetConfig(
@@ -177,9 +177,6 @@ def saliency_hits(
 ) -> list[float]:
     """For every positive study: distance (mm) from the source-grid saliency peak to the
     lesion surface (0 = on the lesion); ``tolerance_mm`` is subtracted."""
-    from medfusion.explain.export import saliency_to_source
-    from medfusion.explain.gradcam import role_cam
-
     out = []
     for s in studies:
         if s.lesion_world is None:
