@@ -24,6 +24,22 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from medfusion import __version__
+
+        typer.echo(f"medfusion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the medfusion version and exit."),
+) -> None:
+    """medfusion: multimodal medical-imaging diagnosis (load, train, predict, score, report)."""
+
+
 def _fail(error: MedfusionError) -> None:
     console.print(f"[red]error[/red] {error}")
     raise typer.Exit(code=1)
@@ -73,7 +89,8 @@ def train(
     manifest: Path = typer.Option(..., "--manifest", help="Manifest CSV (study_id, label, ...)."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (model.json + weights)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same model)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--no-progress", "--quiet",
+                               help="No progress bar (--quiet is the same)."),
     overwrite: bool = typer.Option(
         False, "--overwrite",
         help="Replace the package files in a non-empty --out (other files are kept)."),

@@ -1,4 +1,4 @@
-"""Clinical records: a declared schema, a CSV reader and a record validator (case E8).
+"""Clinical records: a declared schema, a CSV reader and a record validator.
 
 A schema declares each variable once (the same mapping a training recipe's ``clinical:``
 section holds)::

@@ -1,4 +1,4 @@
-"""Size limits checked from headers, before any pixel buffer is allocated (A6, D5, D6).
+"""Size limits checked from headers, before any pixel buffer is allocated.
 
 A header can declare any size (DICOM Rows x Columns x NumberOfFrames, NIfTI dims); reading
 it blindly lets one crafted file exhaust memory. Loaders call :func:`check_declared_size`

@@ -1,22 +1,22 @@
 """NIfTI-1 / NIfTI-2 single-file images (``.nii``, ``.nii.gz``) to a validated :class:`Volume`.
 
-Reader contract (cases D1-D7, C5 of the reliability list):
+Reader contract:
 
-* **Format is sniffed, not guessed from the name** (D2): gzip is recognised by its magic
+* **Format is sniffed, not guessed from the name**: gzip is recognised by its magic
   bytes, so a ``.nii.gz`` that is not compressed and a ``.nii`` that is both load;
   :func:`sniff_format` tells NIfTI from DICOM by their magic strings, never by the first
   four bytes (a DICOM preamble may start with the bytes of 348).
-* **The header is checked before any pixel buffer exists** (D5): dimensions must be
+* **The header is checked before any pixel buffer exists**: dimensions must be
   positive, the rank at most 4 once trailing singleton axes are dropped, the data type a
   plain integer or float, and the declared size within :func:`check_declared_size`'s cap.
   An uncompressed file shorter than its header declares is refused from its size alone.
-* **Decompression is capped at the header-implied size** (D6): the stream is read in chunks
+* **Decompression is capped at the header-implied size**: the stream is read in chunks
   up to exactly the declared bytes, so a small header over a huge stream cannot exhaust
   memory; more data than declared is reported (``TRAILING_DATA``), refused when strict.
-* **The whole stream is decompressed and checked at load time** (D1): a ``.nii.gz`` cut or
+* **The whole stream is decompressed and checked at load time**: a ``.nii.gz`` cut or
   corrupted at its tail fails here with ``TRUNCATED`` / ``CORRUPT`` (CRC and length are
   verified), never later inside a model.
-* **Affine policy** (D3): the sform when ``sform_code > 0``, else the qform when
+* **Affine policy**: the sform when ``sform_code > 0``, else the qform when
   ``qform_code > 0``, else nibabel's pixdim-only base affine (``NO_SPATIAL_TRANSFORM``,
   refused when strict). When both codes are set and the two disagree the sform wins and a
   ``QFORM_SFORM_MISMATCH`` finding records the largest difference.
@@ -27,10 +27,10 @@ Reader contract (cases D1-D7, C5 of the reliability list):
   means no scaling (``SCALING_IGNORED`` when an intercept was set); a usable slope with a
   non-finite intercept is refused (``INVALID_VALUES``). An absurd affine (an entry beyond
   10 km, an infinite determinant) is refused (``GEOMETRY``).
-* **Sheared affines** (D4) are kept exactly and reported (``SHEARED_AFFINE``); strict refuses.
-* **4D** (D7) comes back as (I, J, K, T); 5D+ with more than one element beyond the fourth
+* **Sheared affines** are kept exactly and reported (``SHEARED_AFFINE``); strict refuses.
+* **4D** comes back as (I, J, K, T); 5D+ with more than one element beyond the fourth
   axis is refused (``UNSUPPORTED_DIMENSIONS``). A 2D image comes back as (I, J, 1).
-* **NaN / Inf** voxels after scaling are refused (``INVALID_VALUES``, C5).
+* **NaN / Inf** voxels after scaling are refused (``INVALID_VALUES``).
 
 Free-text header fields (``descrip``, ``aux_file``, ``db_name``) and extensions may hold
 patient data: they are never copied into ``meta``; ``descrip``/``intent_name`` are only
@@ -508,7 +508,7 @@ def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
                     "Copy or export the file again."
                 )
             # Reading one byte more verifies the gzip CRC and length at the end of the
-            # stream (tail corruption, D1) without decompressing past the cap (D6).
+            # stream (tail corruption) without decompressing past the cap.
             extra = bytearray()
             if compressed:
                 _read_checked(stream, 1, extra, what, compressed)

@@ -3,7 +3,7 @@
 What :func:`load_study` does, in order:
 
 1. **Discover** (:func:`discover_study_files`): every file under the folder, any nesting.
-   Symbolic links are followed only while they stay inside the folder (F5); a link loop is
+   Symbolic links are followed only while they stay inside the folder; a link loop is
    skipped and reported (``SYMLINK_LOOP`` finding; a study folder that is itself a loop
    raises ``SYMLINK_LOOP``); hidden files,
    OS litter and obvious non-images (``.csv``, ``.json``, ``.txt``, ``.pdf``...) are
@@ -120,7 +120,7 @@ def discover_study_files(
             is_link = entry.is_symlink()
             real = Path(os.path.realpath(path)) if is_link else path
             if is_link and not real.is_relative_to(real_root):
-                skipped.append((path, "LINK_OUTSIDE"))  # never touched (F5)
+                skipped.append((path, "LINK_OUTSIDE"))  # never touched
                 continue
             try:
                 # One stat, links followed: a link loop (ELOOP) or a dangling link fails here

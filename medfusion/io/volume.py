@@ -13,7 +13,7 @@ __all__ = ["load_volume", "is_nifti"]
 
 def is_nifti(path: Path) -> bool:
     """A NIfTI file by its magic bytes (:func:`medfusion.io.nifti.sniff_format`), not by its
-    first four bytes (a DICOM preamble may start with 348) nor its extension (D2: it may lie
+    first four bytes (a DICOM preamble may start with 348) nor its extension (it may lie
     about gzip); the name decides only when the bytes say neither NIfTI nor DICOM."""
     kind = sniff_format(path)
     if kind != "unknown":

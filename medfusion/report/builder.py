@@ -50,7 +50,7 @@ _KEY = re.compile(r"st-[0-9a-f]{12}")
 
 def display_id(study_id: str) -> str:
     """The pseudonymous key shown for a study: study ids of `medfusion score` are folder
-    names a user chose (they may hold names, G2), so the report shows the same ``st-`` key
+    names a user chose (they may hold names), so the report shows the same ``st-`` key
     that run.json and the batch's logs use."""
     return study_id if _KEY.fullmatch(study_id) else pseudonym(study_id, prefix="st-")
 
@@ -305,7 +305,7 @@ def _model_card(model_dir: Path | None) -> dict[str, Any] | None:
     card = I.read_json(path, "model.json")
     if card is None:
         raise ReportInputError(
-            "--model has no model.json; pass a folder written by FusionModel.save",
+            "--model has no model.json; pass a folder written by `medfusion train`",
             code="REPORT_FILE_MISSING",
         )
     return card

@@ -8,10 +8,10 @@ Rules (the contract of ``medfusion score``):
   name contains one of the study's own patient identifiers (a token of PatientName,
   PatientID, OtherPatientIDs, AccessionNumber or PatientBirthDate read from one DICOM
   header), the folder name is PHI: the study's ``study_id`` becomes its pseudonymous key
-  (G2) and the name is used only to look up the clinical row;
+  and the name is used only to look up the clinical row;
 * loose DICOM files lying directly in the root are grouped by StudyInstanceUID (read from a
   header-only pass); such a study's ``study_id`` *is* its pseudonymous key, never the UID;
-* symbolic links that resolve outside the root are never followed (F5), wherever they are;
+* symbolic links that resolve outside the root are never followed, wherever they are;
 * a symbolic link loop never aborts the run: one in the root (or a study folder that is
   one) becomes that study's ``SYMLINK_LOOP`` failure row; one inside a study folder is
   skipped and counted with the skipped files (the loader reports a ``SYMLINK_LOOP`` issue);
@@ -109,7 +109,7 @@ def walk_safe(folder: str, root: str) -> Iterator[tuple[str, str]]:
     """Yield ``(path, status)`` for every file entry below ``folder`` in sorted order.
 
     ``status`` is ``"ok"`` (a regular file, possibly through a link inside ``root``),
-    ``"outside"`` (a link resolving outside ``root``: yielded once and never opened, F5) or
+    ``"outside"`` (a link resolving outside ``root``: yielded once and never opened) or
     ``"broken"`` (a link that resolves to nothing regular: dangling, or a link loop). Each
     real folder is visited once (no folder cycles). Hidden entries are skipped.
     """

@@ -149,7 +149,7 @@ def _versions() -> dict[str, str]:
 
 def safe_command_line(argv: Sequence[str]) -> list[str]:
     """The command line with every path-like argument replaced by a pseudonym: paths can
-    hold patient or site names (G2); options and numbers stay readable."""
+    hold patient or site names; options and numbers stay readable."""
     out = []
     for token in argv:
         value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else token
@@ -192,7 +192,7 @@ def write_saliency(
     """Write one study's saliency to ``OUT/saliency/<study_id>/`` in one atomic rename.
 
     Paths come only from the study id (or its pseudonym when the id is not a plain name)
-    and role names (F4); the target is checked to stay under OUT. Returns role -> path
+    and role names; the target is checked to stay under OUT. Returns role -> path
     relative to OUT."""
     if explanation is None or not getattr(explanation, "saliency", None):
         return {}

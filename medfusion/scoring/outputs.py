@@ -59,7 +59,7 @@ def score_columns(
 
 
 def path_under(base: str | os.PathLike[str], *parts: str) -> Path:
-    """``base/parts...`` after checking the result stays inside ``base`` (F4)."""
+    """``base/parts...`` after checking the result stays inside ``base``."""
     base_real = os.path.realpath(base)
     target = os.path.realpath(os.path.join(base_real, *parts))
     if os.path.commonpath([target, base_real]) != base_real or target == base_real:
@@ -77,7 +77,7 @@ def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
 
 
 def prepare_output_dir(out_dir: str | os.PathLike[str], *, resume: bool) -> Path:
-    """Create/validate OUT before any scoring (E3): writable, with free space, and empty
+    """Create/validate OUT before any scoring: writable, with free space, and empty
     unless resuming. Raises :class:`OutputError` (exit 1) otherwise."""
     out = ensure_output_dir(out_dir)
     existing = [p.name for p in out.iterdir()]

@@ -204,7 +204,7 @@ def _name_like(name: str) -> bool:
 
 
 def scrub(message: str, ref: StudyRef, files: Sequence[str]) -> str:
-    """Remove paths and file/folder names from a message (G2): they may hold names.
+    """Remove paths and file/folder names from a message: they may hold names.
 
     * every file path becomes ``<file>``; the batch root and the study folder (as given and
       resolved), with whatever path follows them, become ``<root>`` or ``<study>``;

@@ -61,11 +61,11 @@ SENTINELS: dict[str, str] = {
     "AccessionNumber": "ZZACC0001",
     "InstitutionName": "ZZTEST HOSPITAL",
 }
-#: Planted in ImageComments / StudyDescription (free text, G3).
+#: Planted in ImageComments / StudyDescription (free text).
 SENTINEL_FREE_TEXT = "ZZTEST FREETEXT NOTE"
-#: Planted in a private tag (G3).
+#: Planted in a private tag.
 SENTINEL_PRIVATE = "ZZTEST PRIVATE VALUE"
-#: Used by ``file_names="sentinel"``: a file name that holds a patient name (G2).
+#: Used by ``file_names="sentinel"``: a file name that holds a patient name.
 SENTINEL_FILE_STEM = "ZZTEST_SENTINEL"
 
 _SOP_CLASS = {
@@ -297,7 +297,7 @@ def write_series(
     affine, spacing:
         Voxel-to-RAS geometry of the stack (default: axial with ``spacing``).
     rescale:
-        ``(slope, intercept)`` for every slice, or one pair per slice (per-slice rescale, C1).
+        ``(slope, intercept)`` for every slice, or one pair per slice (per-slice rescale).
     series_uid, study_uid:
         Default: derived from ``seed`` and ``series_number`` (deterministic).
     shuffle_files:
@@ -327,7 +327,7 @@ def write_series(
         ``{k: {keyword: value}}`` set on slice k (all time points); ``None`` deletes a tag.
     extra_tags:
         ``keyword=value`` set on every file after everything else; ``None`` deletes a tag
-        (e.g. ``ImagePositionPatient=None`` for a series without geometry, A7).
+        (e.g. ``ImagePositionPatient=None`` for a series without geometry).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -745,7 +745,7 @@ def write_huge_header(
     seed: int = 0,
 ) -> Path:
     """A DICOM file whose header declares ``rows x columns x frames`` 16-bit pixels while
-    its PixelData holds only a few bytes (A6: must be refused from the header alone)."""
+    its PixelData holds only a few bytes (must be refused from the header alone)."""
     path = Path(path)
     ds = _base_dataset(
         sop_class=_SOP_CLASS.get(modality, _SECONDARY_CAPTURE),
@@ -775,8 +775,8 @@ def write_huge_header(
 
 
 def truncate_file(path: str | Path, *, remove_bytes: int = 200) -> Path:
-    """Cut ``remove_bytes`` off the end of a file in place (A2 truncated pixel data; on an
-    encapsulated file this also loses the sequence delimiter, A3)."""
+    """Cut ``remove_bytes`` off the end of a file in place (truncated pixel data; on an
+    encapsulated file this also loses the sequence delimiter)."""
     path = Path(path)
     data = path.read_bytes()
     if remove_bytes >= len(data):
@@ -786,7 +786,7 @@ def truncate_file(path: str | Path, *, remove_bytes: int = 200) -> Path:
 
 
 def write_non_dicom_files(folder: str | Path) -> list[Path]:
-    """Files that must be skipped (A1): a text note, a fake PDF, a DICOMDIR (a DICOM file
+    """Files that must be skipped: a text note, a fake PDF, a DICOMDIR (a DICOM file
     without an image), a hidden macOS file and an empty file. Returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

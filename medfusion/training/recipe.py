@@ -173,7 +173,7 @@ def _read_source(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise _err(f"Recipe file could not be read as UTF-8 text ({type(exc).__name__}).") from None
     try:
-        # safe_load refuses !!python/... tags (F6): nothing in a recipe can construct objects.
+        # safe_load refuses !!python/... tags: nothing in a recipe can construct objects.
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         kind = "a python tag or unsafe YAML" if "python" in str(exc) else "invalid YAML"
