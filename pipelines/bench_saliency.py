@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    try:  # the inference package is the model's newer home
-        from medfusion.inference.model import FusionModel
-    except ImportError:
-        from medfusion.models.fusion_model import FusionModel
+    from medfusion.inference.model import FusionModel
     from medfusion.explain import explain_prediction, role_cam, target_layer
     from medfusion.explain.benchmark import peak_world
     from medfusion.explain.export import saliency_to_source

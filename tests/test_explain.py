@@ -167,7 +167,7 @@ def _permuted(volume: Volume) -> Volume:
 def test_explain_prediction_and_export_read_back(trained, tmp_path: Path) -> None:
     nib = pytest.importorskip("nibabel")
     sitk = pytest.importorskip("SimpleITK")
-    fm = pytest.importorskip("medfusion.models.fusion_model")
+    fm = pytest.importorskip("medfusion.inference")
     from medfusion.preprocess import RoleSpec, prepare_volume, to_tensor_input
 
     net, test = trained
