@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from medfusion.io.volume import load_volume
     from medfusion.inference import FusionModel
+    from medfusion.io.volume import load_volume
     from medfusion.training.dataset import load_input_volume
     from medfusion.training.manifest import read_manifest
     from medfusion.training.recipe import load_recipe

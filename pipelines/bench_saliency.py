@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from medfusion.inference.model import FusionModel
     from medfusion.explain import explain_prediction, role_cam, target_layer
     from medfusion.explain.benchmark import peak_world
     from medfusion.explain.export import saliency_to_source
     from medfusion.explain.gradcam import candidate_layers
+    from medfusion.inference.model import FusionModel
     from medfusion.training.dataset import load_input_volume
     from medfusion.training.trainer import train
     from medfusion.types import Study

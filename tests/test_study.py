@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from medfusion.errors import MedfusionError, NoImagesError
-from medfusion.keys import pseudonym
 from medfusion.io.study import discover_study_files, load_study
+from medfusion.keys import pseudonym
 from medfusion.testing.dicom_factory import write_series
 from medfusion.testing.synthetic import write_cohort
 
