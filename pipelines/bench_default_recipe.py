@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="studies per split (smoke)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--normalization", default=None,
+                        help="also set modalities.ct.normalization (e.g. mr, as the CT-preset "
+                             "warning advises for these 0/255 masks); default: the recipe as is")
     args = parser.parse_args(argv)
     if not data_path(args.size).is_file():
         print(f"AdrenalMNIST3D not found at {data_path(args.size)}", file=sys.stderr)
@@ -82,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="adrenal_default_"))
     data = work / f"data{args.size}"
     manifest, test = write_studies(load_splits(args.size), data, args.limit)
-    (work / "recipe.yaml").write_text(RECIPE)
-    model = work / f"model{args.size}-seed{args.seed}"
+    recipe = RECIPE if args.normalization is None else RECIPE.replace(
+        "ct: {}", f"ct: {{normalization: {args.normalization}}}")
+    (work / "recipe.yaml").write_text(recipe)
+    variant = "" if args.normalization is None else f"-{args.normalization}"
+    model = work / f"model{args.size}-seed{args.seed}{variant}"
     medfusion = [sys.executable, "-m", "medfusion.cli"]
     env = {**os.environ, "MEDFUSION_CACHE_DIR": str(work / "cache")}
     t0 = time.perf_counter()
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(train.stderr[-3000:], file=sys.stderr)
         return 1
     t1 = time.perf_counter()
-    pred_csv = work / f"pred{args.size}-seed{args.seed}.csv"
+    pred_csv = work / f"pred{args.size}-seed{args.seed}{variant}.csv"
     predict = subprocess.run([*medfusion, "predict", str(model), "--manifest", str(test),
                               "--out", str(pred_csv)], env=env, capture_output=True, text=True)
     t_predict = time.perf_counter() - t1
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     card = json.loads((model / "model.json").read_text())
     scaler = card["calibration"]["temperature"]
     print(f"\nAdrenalMNIST3D {args.size}^3 through `medfusion train` + `medfusion predict`, "
-          f"default recipe, seed {args.seed}, test n={len(y)} (positive rate {y.mean():.3f})")
+          f"recipe {recipe!r}, seed {args.seed}, test n={len(y)} (positive rate {y.mean():.3f})")
     print(f"training {t_train / 60:.1f} min wall (incl. preprocessing and start-up), "
           f"prediction {t_predict:.0f} s; kept epoch "
           f"{card['members'][0].get('best_epoch')} of {card['recipe']['epochs']}; calibration "
