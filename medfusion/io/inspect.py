@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
+from medfusion.errors import MedfusionError, NoImagesError
 from medfusion.io.dicom import scan_dicom
-from medfusion.io.study import discover_study_files, load_study
+from medfusion.io.study import discover_study_files, link_loop_error, load_study
 from medfusion.io.volume import load_volume
 from medfusion.keys import pseudonym
 from medfusion.types import Finding, Volume
@@ -144,11 +144,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         os.stat(p)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsupportedInputError(
-                "the given path is a symbolic link that points back to itself (a link "
-                "loop); remove or fix the link.",
-                code="SYMLINK_LOOP",
-            ) from None
+            raise link_loop_error("the given path") from None
         raise NoImagesError("the given path does not exist; check it and try again.") from None
     if p.is_file():
         vol = load_volume(p)

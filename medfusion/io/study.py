@@ -77,6 +77,16 @@ _NOT_IMAGE_SUFFIXES = {
 
 # --------------------------------------------------------------------------------------
 # discovery
+
+def link_loop_error(what: str) -> UnsupportedInputError:
+    """The one ``SYMLINK_LOOP`` refusal: ``what`` (e.g. "the study folder") is a symbolic
+    link that resolves to itself, so following it would never end."""
+    return UnsupportedInputError(
+        f"{what} is a symbolic link that points back to itself (a link loop); remove or fix "
+        "the link.",
+        code="SYMLINK_LOOP",
+    )
+
 def discover_study_files(
     folder: str | Path,
 ) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
@@ -94,11 +104,7 @@ def discover_study_files(
         root_is_dir = stat.S_ISDIR(os.stat(root).st_mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsupportedInputError(
-                "the study folder is a symbolic link that points back to itself (a link "
-                "loop); remove or fix the link.",
-                code="SYMLINK_LOOP",
-            ) from exc
+            raise link_loop_error("the study folder") from exc
         root_is_dir = False
     if not root_is_dir:
         raise NoImagesError("the study folder does not exist or is not a folder; check the path.")

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from medfusion.errors import NoImagesError, UnsafePathError, UnsupportedInputError
+from medfusion.io.study import link_loop_error
 from medfusion.keys import pseudonym
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -154,11 +155,7 @@ def _check_folder(folder: str) -> None:
             os.scandir(folder).close()
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsupportedInputError(
-                "this study folder is a symbolic link that points back to itself (a link "
-                "loop); remove or fix the link",
-                code="SYMLINK_LOOP",
-            ) from None
+            raise link_loop_error("this study folder") from None
         raise UnsupportedInputError(
             f"this study folder cannot be read ({type(exc).__name__}); check its permissions",
             code="UNREADABLE",
