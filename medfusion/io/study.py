@@ -47,6 +47,7 @@ import numpy as np
 from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
 from medfusion.io.dicom import load_series, scan_dicom
 from medfusion.io.nifti import is_nifti_name, load_nifti
+from medfusion.io.walk import OK, walk_files
 from medfusion.keys import pseudonym
 from medfusion.types import Finding, Study, Volume
 
@@ -108,58 +109,22 @@ def discover_study_files(
         root_is_dir = False
     if not root_is_dir:
         raise NoImagesError("the study folder does not exist or is not a folder; check the path.")
-    real_root = Path(os.path.realpath(root))
     dicom: list[Path] = []
     nifti: list[Path] = []
     skipped: list[tuple[Path, str]] = []
-    seen_dirs: set[str] = {str(real_root)}
-    stack = [root]
-    while stack:
-        current = stack.pop()
-        try:
-            entries = sorted(os.scandir(current), key=lambda e: e.name)
-        except OSError:
-            skipped.append((current, "NOT_REGULAR"))
+    for path, status in walk_files(root):
+        if status != OK:
+            skipped.append((path, status))
             continue
-        for entry in entries:
-            path = Path(entry.path)
-            is_link = entry.is_symlink()
-            real = Path(os.path.realpath(path)) if is_link else path
-            if is_link and not real.is_relative_to(real_root):
-                skipped.append((path, "LINK_OUTSIDE"))  # never touched
-                continue
-            try:
-                # One stat, links followed: a link loop (ELOOP) or a dangling link fails here
-                # instead of inside DirEntry.is_dir()/is_file(), which raise on a loop.
-                target_mode = os.stat(path).st_mode
-            except OSError as exc:
-                skipped.append((path, "SYMLINK_LOOP" if exc.errno == errno.ELOOP
-                                else "NOT_REGULAR"))
-                continue
-            if is_link:
-                if stat.S_ISDIR(target_mode):
-                    if str(real) not in seen_dirs:  # a second view of a folder: visit once
-                        seen_dirs.add(str(real))
-                        stack.append(path)
-                    continue
-            if stat.S_ISDIR(target_mode):
-                real_dir = os.path.realpath(path)
-                if real_dir not in seen_dirs:
-                    seen_dirs.add(real_dir)
-                    stack.append(path)
-                continue
-            if not stat.S_ISREG(target_mode):
-                skipped.append((path, "NOT_REGULAR"))
-                continue
-            name = entry.name.lower()
-            if name.startswith(".") or name in _NOISE_NAMES:
-                skipped.append((path, "HIDDEN"))
-            elif is_nifti_name(name):
-                nifti.append(path)
-            elif Path(name).suffix in _NOT_IMAGE_SUFFIXES:
-                skipped.append((path, "NOT_IMAGE"))
-            else:
-                dicom.append(path)
+        name = path.name.lower()
+        if name.startswith(".") or name in _NOISE_NAMES:
+            skipped.append((path, "HIDDEN"))
+        elif is_nifti_name(name):
+            nifti.append(path)
+        elif Path(name).suffix in _NOT_IMAGE_SUFFIXES:
+            skipped.append((path, "NOT_IMAGE"))
+        else:
+            dicom.append(path)
     # A link to a DICOM file that is also present under the folder is the same image twice.
     unique: list[Path] = []
     seen_files: set[str] = set()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from medfusion.errors import NoImagesError, UnsafePathError, UnsupportedInputError
 from medfusion.io.study import link_loop_error
+from medfusion.io.walk import LINK_OUTSIDE, OK, is_within, walk_files
 from medfusion.keys import pseudonym
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -68,16 +69,6 @@ class Discovery:
     unsafe_links: int = 0
 
 
-def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
-    """True when ``path`` (resolved, links followed) lies inside ``root`` (resolved)."""
-    real = os.path.realpath(path)
-    real_root = os.path.realpath(root)
-    try:
-        return os.path.commonpath([real, real_root]) == real_root
-    except ValueError:  # different drives on Windows
-        return False
-
-
 def study_key(study_id: str) -> str:
     """The pseudonymous key of a study folder name (what logs and run.json show)."""
     return pseudonym(study_id, prefix="st-")
@@ -107,44 +98,23 @@ def is_medical_file(path: str) -> bool:
 
 
 def walk_safe(folder: str, root: str) -> Iterator[tuple[str, str]]:
-    """Yield ``(path, status)`` for every file entry below ``folder`` in sorted order.
+    """Yield ``(path, status)`` for every file entry below ``folder`` in sorted order, with
+    the one folder walker (:func:`medfusion.io.walk.walk_files`).
 
     ``status`` is ``"ok"`` (a regular file, possibly through a link inside ``root``),
     ``"outside"`` (a link resolving outside ``root``: yielded once and never opened) or
     ``"broken"`` (a link that resolves to nothing regular: dangling, or a link loop). Each
     real folder is visited once (no folder cycles). Hidden entries are skipped.
     """
-    seen = {os.path.realpath(folder)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        keep = []
-        for name in sorted(dirnames):
-            if name.startswith("."):
-                continue
-            path = os.path.join(dirpath, name)
-            real = os.path.realpath(path)
-            if os.path.islink(path) and not is_within(path, root):
-                yield path, "outside"
-            elif real not in seen:
-                seen.add(real)
-                keep.append(name)
-        # Sorted, hidden skipped: a stable order makes digests and file lists reproducible.
-        dirnames[:] = keep
-        # os.walk lists a link loop among the files (its is_dir() check fails on ELOOP).
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                if not is_within(path, root):
-                    yield path, "outside"
-                else:
-                    yield path, "ok" if os.path.isfile(path) else "broken"
-            elif stat.S_ISREG(st.st_mode):
-                yield path, "ok"
+    for path, status in walk_files(folder, root, skip_hidden_dirs=True):
+        if path.name.startswith("."):
+            continue
+        if status == OK:
+            yield str(path), "ok"
+        elif status == LINK_OUTSIDE:
+            yield str(path), "outside"
+        elif os.path.islink(path):
+            yield str(path), "broken"
 
 
 def _check_folder(folder: str) -> None:

@@ -5,7 +5,6 @@ decodes pixels."""
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from medfusion.io.dicom.guard import _TRUNC_FIX, _is_input_failure
 from medfusion.io.dicom_fast import read_fast_header, wanted_tags
 from medfusion.io.keys import pseudonym
 from medfusion.io.limits import check_declared_size
+from medfusion.io.walk import OK, walk_files
 
 #: Modalities that are projections (one image per file, K = 1), never stacked.
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "MG", "RF", "XA", "PX", "IO", "RG", "DF"})
@@ -447,15 +447,11 @@ def _make_info(series_uid: str, hs: list[_FileHeader], *, key_source: str) -> Se
 
 
 def iter_files(folder: str | Path) -> list[Path]:
-    """Every regular file under ``folder`` (any nesting), symlinks not followed, sorted."""
-    out: list[Path] = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(root) / name
-            if p.is_file() and not p.is_symlink():
-                out.append(p)
-    return out
+    """Every regular file under ``folder`` (any nesting), walked with the one folder walker
+    (:func:`medfusion.io.walk.walk_files`: links may not leave ``folder``, link loops are
+    skipped); symbolic links to files are left out (a series is its files, not views of
+    them)."""
+    return [p for p, status in walk_files(folder) if status == OK and not p.is_symlink()]
 
 
 def _full_header(h: _FileHeader, what: str) -> Dataset:

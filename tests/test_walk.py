@@ -1,0 +1,60 @@
+"""The one folder walker: link loops, links leaving the root, dangling links and repeated
+views of a folder are each reported once, in a reproducible order, and never followed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medfusion.io.dicom import iter_files
+from medfusion.io.study import discover_study_files
+from medfusion.io.walk import LINK_OUTSIDE, NOT_REGULAR, OK, SYMLINK_LOOP, walk_files
+from medfusion.scoring.discovery import walk_safe
+
+
+def _tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    (root / "a.txt").write_text("a")
+    (root / "b" / "c.dcm").write_text("c")
+    (root / "b" / "deep" / "d.dcm").write_text("d")
+    (root / ".hidden" / "h.dcm").write_text("h")
+    outside = tmp_path / "outside.dcm"
+    outside.write_text("o")
+    os.symlink(outside, root / "out_link.dcm")
+    os.symlink(root / "loop", root / "loop")  # a link to itself
+    os.symlink(root / "missing", root / "dangling.dcm")
+    os.symlink(root / "b", root / "view_of_b")  # a second view of b: visited once
+    return root
+
+
+def test_statuses_and_order(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    got = [(str(p.relative_to(root)), s) for p, s in walk_files(root)]
+    assert got == [
+        ("a.txt", OK),
+        ("dangling.dcm", NOT_REGULAR),
+        ("loop", SYMLINK_LOOP),
+        ("out_link.dcm", LINK_OUTSIDE),
+        (".hidden/h.dcm", OK),
+        ("b/c.dcm", OK),
+        ("b/deep/d.dcm", OK),
+    ]
+    hidden_skipped = [str(p.relative_to(root)) for p, _ in
+                      walk_files(root, skip_hidden_dirs=True)]
+    assert ".hidden/h.dcm" not in hidden_skipped
+
+
+def test_every_caller_walks_alike(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    dicom, _, skipped = discover_study_files(root)
+    assert {p.name for p in dicom} == {"c.dcm", "d.dcm", "h.dcm"}
+    assert {(p.name, why) for p, why in skipped} >= {
+        ("loop", "SYMLINK_LOOP"), ("out_link.dcm", "LINK_OUTSIDE"),
+        ("dangling.dcm", "NOT_REGULAR"), ("a.txt", "NOT_IMAGE")}
+    assert {p.name for p in iter_files(root)} == {"a.txt", "c.dcm", "d.dcm", "h.dcm"}
+    batch = {(Path(p).name, s) for p, s in walk_safe(str(root), str(root))}
+    assert batch == {("a.txt", "ok"), ("c.dcm", "ok"), ("d.dcm", "ok"),
+                     ("out_link.dcm", "outside"), ("loop", "broken"),
+                     ("dangling.dcm", "broken")}
