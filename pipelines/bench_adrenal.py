@@ -47,11 +47,15 @@ def load_splits(size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def write_dataset(splits: dict[str, tuple[np.ndarray, np.ndarray]], root: Path,
                   role: str = "adrenal", limit: int | None = None,
-                  extra_columns: dict[str, list[str]] | None = None) -> Path:
-    """NIfTI per volume (1 mm isotropic, values 0/1) + manifest.csv with the official split."""
+                  extra_columns: dict[str, list[str]] | None = None, *,
+                  spacing_mm: float = 1.0, raw_values: bool = False) -> Path:
+    """NIfTI per volume + manifest.csv with the official split. Voxels are ``spacing_mm``
+    isotropic; values 0/1 (float), or with ``raw_values`` the dataset's 0/255 as shipped
+    (int16), as a new user would write them."""
     import nibabel as nib
 
     (root / "vol").mkdir(parents=True, exist_ok=True)
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     rows = []
     for split, (images, labels) in splits.items():
         n = len(labels) if limit is None else min(limit, len(labels))
@@ -59,7 +63,9 @@ def write_dataset(splits: dict[str, tuple[np.ndarray, np.ndarray]], root: Path,
             sid = f"{split}-{i:04d}"
             path = root / "vol" / f"{sid}.nii.gz"
             if not path.exists():
-                img = nib.Nifti1Image((images[i] > 127).astype(np.float32), np.eye(4))
+                values = (images[i].astype(np.int16) if raw_values
+                          else (images[i] > 127).astype(np.float32))
+                img = nib.Nifti1Image(values, affine)
                 nib.save(img, path)
             rows.append({"study_id": sid, "label": LABELS[labels[i]], "split": split,
                          role: f"vol/{sid}.nii.gz"})

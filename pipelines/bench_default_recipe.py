@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adrenal import BASELINES, LABELS, data_path, load_splits  # noqa: E402
+from bench_adrenal import BASELINES, LABELS, data_path, load_splits, write_dataset  # noqa: E402
 
 RECIPE = "labels: [normal, hyperplasia]\nmodalities:\n  ct: {}\n"
 SPACING_MM = 1.5
@@ -38,29 +38,18 @@ SPACING_MM = 1.5
 
 def write_studies(splits: dict[str, tuple[np.ndarray, np.ndarray]], root: Path,
                   limit: int | None) -> tuple[Path, Path]:
-    """One NIfTI per volume (values as shipped, 0/255), manifest.csv (all splits, the
-    official ``split`` column) and test.csv (the test split only, for predict)."""
-    import nibabel as nib
-
-    (root / "ct").mkdir(parents=True, exist_ok=True)
-    affine = np.diag([SPACING_MM, SPACING_MM, SPACING_MM, 1.0])
-    rows = []
-    for split, (images, labels) in splits.items():
-        n = len(labels) if limit is None else min(limit, len(labels))
-        for i in range(n):
-            sid = f"{split}-{i:04d}"
-            path = root / "ct" / f"{sid}.nii.gz"
-            if not path.exists():
-                nib.save(nib.Nifti1Image(images[i].astype(np.int16), affine), str(path))
-            rows.append({"study_id": sid, "label": LABELS[int(labels[i])], "patient_id": sid,
-                         "split": split, "ct": f"ct/{sid}.nii.gz"})
-    for name, keep in (("manifest.csv", rows), ("test.csv", [r for r in rows
-                                                             if r["split"] == "test"])):
-        with (root / name).open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(keep)
-    return root / "manifest.csv", root / "test.csv"
+    """Role ``ct`` NIfTI studies (1.5 mm, values 0/255 as shipped) with manifest.csv (all
+    splits, the official ``split`` column), and test.csv (the test split only, for predict)."""
+    manifest = write_dataset(splits, root, role="ct", limit=limit, spacing_mm=SPACING_MM,
+                             raw_values=True)
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    test = root / "test.csv"
+    with test.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["split"] == "test")
+    return manifest, test
 
 
 def ece_binary(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
