@@ -26,38 +26,27 @@ REPO = Path(__file__).resolve().parents[1]
 N_MUTANTS = 600
 SEED = 20240611
 
-# NIfTI-1 header fields: (offset, struct format, number of values).
-_N1_FIELDS: dict[str, tuple[int, str, int]] = {
-    "dim": (40, "h", 8),
-    "datatype": (70, "h", 1),
-    "bitpix": (72, "h", 1),
-    "pixdim": (76, "f", 8),
-    "vox_offset": (108, "f", 1),
-    "scl_slope": (112, "f", 1),
-    "scl_inter": (116, "f", 1),
-    "xyzt_units": (123, "B", 1),
-    "qform_code": (252, "h", 1),
-    "sform_code": (254, "h", 1),
-    "quatern": (256, "f", 3),
-    "qoffset": (268, "f", 3),
-    "srow": (280, "f", 12),
-}
-# NIfTI-2 header fields (64-bit dims and doubles).
-_N2_FIELDS: dict[str, tuple[int, str, int]] = {
-    "dim": (16, "q", 8),
-    "datatype": (12, "h", 1),
-    "bitpix": (14, "h", 1),
-    "pixdim": (104, "d", 8),
-    "vox_offset": (168, "q", 1),
-    "scl_slope": (176, "d", 1),
-    "scl_inter": (184, "d", 1),
-    "xyzt_units": (500, "i", 1),
-    "qform_code": (344, "i", 1),
-    "sform_code": (348, "i", 1),
-    "quatern": (352, "d", 3),
-    "qoffset": (376, "d", 3),
-    "srow": (400, "d", 12),
-}
+# The header fields the fuzzer mutates: (name, nibabel field of the first value, number of
+# values). Offsets and struct formats come from nibabel's header layouts, so one table
+# serves NIfTI-1 and NIfTI-2 (64-bit dims and doubles).
+_FIELDS = (("dim", "dim", 8), ("datatype", "datatype", 1), ("bitpix", "bitpix", 1),
+           ("pixdim", "pixdim", 8), ("vox_offset", "vox_offset", 1),
+           ("scl_slope", "scl_slope", 1), ("scl_inter", "scl_inter", 1),
+           ("xyzt_units", "xyzt_units", 1), ("qform_code", "qform_code", 1),
+           ("sform_code", "sform_code", 1), ("quatern", "quatern_b", 3),
+           ("qoffset", "qoffset_x", 3), ("srow", "srow_x", 12))
+_STRUCT_FORMAT = {"i2": "h", "i4": "i", "i8": "q", "u1": "B", "f4": "f", "f8": "d"}
+
+
+def _field_layout(header: type[nib.Nifti1Header]) -> dict[str, tuple[int, str, int]]:
+    """``{name: (byte offset, struct format, number of values)}`` in ``header``'s layout."""
+    layout = header.template_dtype.fields
+    return {name: (layout[first][1], _STRUCT_FORMAT[layout[first][0].base.str[1:]], count)
+            for name, first, count in _FIELDS}
+
+
+_N1_FIELDS = _field_layout(nib.Nifti1Header)
+_N2_FIELDS = _field_layout(nib.Nifti2Header)
 _SPECIAL_FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, 2.0, -2.5, 1e-30, 1e30, 3.0e38, -3.0e38,
                    float("nan"), float("inf"), -float("inf")]
 _SPECIAL_INTS = [0, 1, -1, 2, 3, 4, 5, 7, 8, 16, 255, 256, 511, 768, 1024, 32767, -32768]
