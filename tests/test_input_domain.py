@@ -46,6 +46,25 @@ def test_quantities_are_physical_and_orientation_free() -> None:
     assert [qp[f"extent_mm_{i}"] for i in range(3)] == [30.0, 20.0, 10.0]
 
 
+def test_intensity_samples_do_not_depend_on_the_memory_layout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reoriented volume is a non-contiguous view: its percentiles come from the same
+    # subsampled voxels as its contiguous copy (without copying the whole volume first).
+    from medfusion.uncertainty import domain
+
+    monkeypatch.setattr(domain, "_MAX_SAMPLES", 1000)
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.0, 100.0, (30, 40, 20)).astype(np.float32)
+    view = base.transpose(2, 0, 1)[:, ::-1]
+    assert not view.flags.c_contiguous
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    q_view = volume_quantities(mf.Volume(view, affine))
+    q_copy = volume_quantities(mf.Volume(np.ascontiguousarray(view), affine))
+    assert q_view == q_copy
+    # Subsampled: not the percentiles of every voxel.
+    assert q_view["p50"] != float(np.percentile(view.astype(np.float64), 50.0))
+
+
 def test_ranges_widen_by_the_stated_tolerance_and_round_trip() -> None:
     ratio = QuantityRange.fit([10.0, 20.0], ratio=2.0)
     assert ratio is not None and ratio.allowed == (5.0, 40.0)

@@ -70,9 +70,11 @@ def volume_quantities(volume: Volume) -> dict[str, float]:
     for i, value in enumerate(np.sort(spacing)):
         out[f"spacing_mm_{i}"] = float(value)
     out["slices"] = float(shape[2])
-    flat = np.asarray(volume.array).reshape(-1)
-    if flat.size > _MAX_SAMPLES:
-        flat = flat[:: int(math.ceil(flat.size / _MAX_SAMPLES))]
+    array = np.asarray(volume.array)
+    step = max(1, math.ceil(array.size / _MAX_SAMPLES))
+    # The same C-order voxels either way; ``.flat`` gathers only the samples where
+    # ``reshape`` would copy a whole non-contiguous (e.g. reoriented) volume first.
+    flat = array.reshape(-1)[::step] if array.flags.c_contiguous else array.flat[::step]
     finite = flat[np.isfinite(flat)]
     if finite.size:
         p01, p50, p99 = np.percentile(finite.astype(np.float64), [1.0, 50.0, 99.0])
