@@ -60,3 +60,18 @@ def test_failure_rows_are_scrubbed() -> None:
     row = failure(ref, "load", CorruptFileError(f"{path} is corrupt; see Doe_John_1970"), [path])
     assert row == {"study_id": "st-0123456789ab", "stage": "load", "code": "CORRUPT",
                    "message": "<file> is corrupt; see <name>"}
+
+
+def test_a_folder_name_with_blanks_inside_a_study_never_survives() -> None:
+    """A series folder ``John Smith`` quoted as a path: the blank must not end the match of
+    the study path and leave the surname behind."""
+    ref = _ref("study")
+    files = [os.path.join(ref.folder, "John Smith", "IM0001"),
+             os.path.join(ref.folder, "a b", "Jane Roe", "IM0002")]
+    for folder in (os.path.dirname(files[0]), os.path.dirname(files[1])):
+        out = scrub(f"series folder {folder} is incomplete ('{folder}')", ref, files)
+        assert out == "series folder <study> is incomplete ('<study>')"
+    loose = StudyRef(study_id="st-0123456789ab", key="st-0123456789ab", root=ROOT,
+                     files=(os.path.join(ROOT, "Doe John", "x.dcm"),))
+    out = scrub(f"cannot read {os.path.join(ROOT, 'Doe John')}", loose, loose.files)
+    assert out == "cannot read <root>"

@@ -226,8 +226,15 @@ def scrub(message: str, ref: StudyRef, files: Sequence[str]) -> str:
         if root:
             for form in {root, os.path.realpath(root)}:
                 paths[form.rstrip("/\\") or form] = label
+    base_label = "<study>" if ref.folder else "<root>"
     for path in files:
         paths[path] = "<file>"  # a link's target lies below the resolved root or folder
+        # The folders between base and file are whole paths too: a blank in one ("John
+        # Smith") would otherwise end the match of the shorter base path before the name.
+        folder = os.path.dirname(path)
+        while folder not in paths and folder.startswith(base.rstrip("/\\") + os.sep):
+            paths[folder] = base_label
+            folder = os.path.dirname(folder)
         for start in {base, ref.root}:
             # A prefix test, not os.path.relpath: thousands of files per study stay cheap.
             prefix = start.rstrip("/\\") + os.sep
