@@ -60,6 +60,7 @@ from medfusion.errors import (
     UnsupportedInputError,
 )
 from medfusion.io.limits import check_declared_size
+from medfusion.io.walk import link_loop_error
 from medfusion.keys import pseudonym
 from medfusion.types import Finding, Volume
 
@@ -441,11 +442,7 @@ def _read_checked(
 
 def _unreadable(what: str, exc: BaseException) -> MedfusionError:
     if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
-        return UnsupportedInputError(
-            f"{what} is a symbolic link that points back to itself (a link loop); remove "
-            "or fix the link.",
-            code="SYMLINK_LOOP",
-        )
+        return link_loop_error(what)
     return UnsupportedInputError(
         f"{what} cannot be read ({type(exc).__name__}); check its permissions.",
         code="UNREADABLE",

@@ -47,7 +47,7 @@ import numpy as np
 from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
 from medfusion.io.dicom import load_series, scan_dicom
 from medfusion.io.nifti import is_nifti_name, load_nifti
-from medfusion.io.walk import OK, walk_files
+from medfusion.io.walk import OK, link_loop_error, walk_files
 from medfusion.keys import pseudonym
 from medfusion.types import Finding, Study, Volume
 
@@ -78,15 +78,6 @@ _NOT_IMAGE_SUFFIXES = {
 
 # --------------------------------------------------------------------------------------
 # discovery
-
-def link_loop_error(what: str) -> UnsupportedInputError:
-    """The one ``SYMLINK_LOOP`` refusal: ``what`` (e.g. "the study folder") is a symbolic
-    link that resolves to itself, so following it would never end."""
-    return UnsupportedInputError(
-        f"{what} is a symbolic link that points back to itself (a link loop); remove or fix "
-        "the link.",
-        code="SYMLINK_LOOP",
-    )
 
 def discover_study_files(
     folder: str | Path,

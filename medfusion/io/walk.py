@@ -19,12 +19,25 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LINK_OUTSIDE", "NOT_REGULAR", "OK", "SYMLINK_LOOP", "is_within", "walk_files"]
+from medfusion.errors import UnsupportedInputError
+
+__all__ = ["LINK_OUTSIDE", "NOT_REGULAR", "OK", "SYMLINK_LOOP", "is_within", "link_loop_error",
+           "walk_files"]
 
 OK = "OK"
 LINK_OUTSIDE = "LINK_OUTSIDE"  # a link resolving outside the root: never opened
 SYMLINK_LOOP = "SYMLINK_LOOP"  # a link that resolves back to itself
 NOT_REGULAR = "NOT_REGULAR"  # a dangling link, a socket, an unreadable folder...
+
+
+def link_loop_error(what: str) -> UnsupportedInputError:
+    """The one ``SYMLINK_LOOP`` refusal: ``what`` (e.g. "the study folder") is a symbolic
+    link that resolves to itself, so following it would never end."""
+    return UnsupportedInputError(
+        f"{what} is a symbolic link that points back to itself (a link loop); remove or fix "
+        "the link.",
+        code=SYMLINK_LOOP,
+    )
 
 
 def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
