@@ -23,6 +23,7 @@ bytes.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -672,8 +673,6 @@ def write_enhanced_multiframe(
 def _csa2_header(tags: Mapping[str, tuple[str, Sequence[str]]]) -> bytes:
     """A Siemens CSA2 ("SV10") header holding ``{name: (vr, [values])}``, the layout
     nibabel's ``csareader`` reads (SPM's specification)."""
-    import struct
-
     out = bytearray(b"SV10\x04\x03\x02\x01")
     out += struct.pack("<2I", len(tags), 77)
     for name, (vr, values) in tags.items():
