@@ -47,7 +47,16 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def _umask() -> int:
-    """The process umask (read by setting it and putting it back at once)."""
+    """The process umask. Read from /proc where the kernel lists it: setting it and putting
+    it back (the only portable way) opens a moment in which a file another thread creates
+    gets 0o022 instead of the user's mask (say 0o077 on a folder of patient data)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

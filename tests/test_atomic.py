@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from medfusion.atomic import atomic_open, atomic_path, write_bytes, write_text
+from medfusion.atomic import _umask, atomic_open, atomic_path, write_bytes, write_text
 
 
 def test_write_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -34,3 +36,16 @@ def test_temporary_path_keeps_the_suffixes(tmp_path: Path) -> None:
         assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
         tmp.write_bytes(b"x")
     assert (tmp_path / "ct.nii.gz").read_bytes() == b"x"
+
+
+def test_atomic_output_mode_follows_the_umask(tmp_path: Path) -> None:
+    """0666 less the umask, as any file the user creates (mkstemp alone gives 0600); the
+    umask is read without being changed."""
+    before = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still the user's mask after reading it
+        write_text(tmp_path / "a.txt", "x")
+        assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    finally:
+        os.umask(before)
