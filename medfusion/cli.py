@@ -20,6 +20,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="medfusion: multimodal medical-imaging diagnosis (load, train, predict, score, report).",
+    # a traceback's locals hold paths, manifest rows and study ids: never printed
+    pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
 
@@ -292,7 +294,14 @@ def report(
 
 
 def main(argv: Optional[list[str]] = None) -> None:  # noqa: UP045 - typer needs Optional
-    app(args=argv)
+    """The ``medfusion`` command. An unexpected error of any command is one line naming only
+    its type: its text or a traceback could quote a path, a manifest row or a study id."""
+    try:
+        app(args=argv)
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        console.print(f"[red]error[/red] [INTERNAL] unexpected {type(error).__name__}; please "
+                      "report it (no file names or values are shown here)")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

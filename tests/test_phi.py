@@ -112,3 +112,26 @@ def test_cli_inspect_stdout_stderr_are_phi_free(planted) -> None:
     assert json.loads(outputs["json"].stdout)["n_studies"] == 2
     failed = outputs["error"]
     assert failed.returncode == 1 and "[TRUNCATED]" in failed.stderr
+
+
+def test_cli_unexpected_error_is_one_line_without_its_text(monkeypatch, capsys,
+                                                           tmp_path: Path) -> None:
+    """Any command (predict here, which has no handler of its own): an unexpected exception
+    is one INTERNAL line naming its type, no traceback, no message text, no locals."""
+    import medfusion.inference
+    from medfusion.cli import main
+
+    secret = str(tmp_path / "Doe_John_19700101" / "IM0001")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"cannot read {secret}")
+
+    monkeypatch.setattr(medfusion.inference, "predict_manifest", boom)
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(tmp_path / "Doe_John_19700101"), "--manifest",
+              str(tmp_path / "m.csv"), "--out", str(tmp_path / "p.csv")])
+    assert info.value.code == 1
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "[INTERNAL] unexpected RuntimeError" in text
+    assert "Doe_John" not in text and "Traceback" not in text
