@@ -42,6 +42,7 @@ from medfusion.training.recipe import Recipe, load_recipe
 from medfusion.uncertainty.calibration import TemperatureScaler, fit_calibration
 from medfusion.uncertainty.conformal import ConformalPredictor
 from medfusion.uncertainty.domain import InputDomain
+from medfusion.uncertainty.metrics import mean_nll
 from medfusion.uncertainty.shift import ShiftReference, model_role_shifts
 
 log = logging.getLogger("medfusion.training")
@@ -84,13 +85,12 @@ def summary_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a tiny split may lack a predicted class
         balanced = float(balanced_accuracy_score(y, pred))
-    nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
     return {
         "n": int(len(y)),
         "auroc": auroc(probs, y),
         "accuracy": float(np.mean(pred == y)),
         "balanced_accuracy": balanced,
-        "nll": nll,
+        "nll": mean_nll(probs, y),
     }
 
 

@@ -28,6 +28,7 @@ import torch
 from medfusion.errors import CalibrationError
 from medfusion.numerics import softmax
 from medfusion.uncertainty._arrays import as_numpy, check_labels, check_scores
+from medfusion.uncertainty.metrics import mean_nll
 
 log = logging.getLogger("medfusion.uncertainty")
 
@@ -43,10 +44,6 @@ _BIAS_BOUND = 15.0  # |b| bound: beyond it a class is never (or always) predicte
 _BIAS_L2 = 1e-4  # keeps b finite on a split that the offset alone can separate
 #: Variants :func:`fit_calibration` chooses from, simplest first (ties keep the simpler).
 CALIBRATION_KINDS = ("temperature", "prior", "bias")
-
-
-def _nll(probs: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
 
 
 def _separable(z: np.ndarray, labels: np.ndarray) -> bool:
@@ -237,7 +234,7 @@ def fit_calibration(logits: Any, y: Any, *, prior_bias: Any = None, folds: int =
                 part = LogitScaler(kind, prior_bias)
                 with _quiet():
                     part.fit(z[train], labels[train])
-                losses.append(_nll(part.transform(z[held]), labels[held]) * len(held))
+                losses.append(mean_nll(part.transform(z[held]), labels[held]) * len(held))
             cv_nll[kind] = float(np.sum(losses) / len(labels))
         chosen = min(kinds, key=lambda k: (round(cv_nll[k], 9), kinds.index(k)))
     else:
@@ -248,8 +245,8 @@ def fit_calibration(logits: Any, y: Any, *, prior_bias: Any = None, folds: int =
         "chosen": chosen,
         "cv_nll": cv_nll,
         "folds": folds if cv_nll else 0,
-        "nll_raw": _nll(softmax(z), labels),
-        "nll_calibrated": _nll(probs, labels),
+        "nll_raw": mean_nll(softmax(z), labels),
+        "nll_calibrated": mean_nll(probs, labels),
         "accuracy_calibrated": float(np.mean(probs.argmax(axis=1) == labels)),
         "majority_rate": float(counts.max() / counts.sum()),
         "bound_hit": scaler.bound_hit_,

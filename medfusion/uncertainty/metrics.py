@@ -21,6 +21,11 @@ def _entropy(p: np.ndarray) -> np.ndarray:
     return -np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=-1)
 
 
+def mean_nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of integer labels ``y`` (N,) under ``probs`` (N, C)."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
+
+
 def predictive_entropy(p: Any) -> np.ndarray:
     """Entropy of class probabilities ``p`` (N, C) -> (N,); pass member probabilities
     (S, N, C) to get the entropy of their mean."""
