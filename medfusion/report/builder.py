@@ -162,6 +162,12 @@ def _task(labels: tuple[str, ...], positive_label: str | None, threshold: float 
     return Task(labels, None, None)
 
 
+#: the run-audit checks that compare the scoring run's model with --model (a failure refuses
+#: the report unless accept_model_mismatch)
+CARD_DIGEST_CHECK = "model card digest in run.json matches --model"
+FILE_DIGEST_CHECK = "model.json file digest matches run.json"
+
+
 def _run_section(run: dict[str, Any] | None, card: dict[str, Any] | None, model_dir: Path | None,
                  scores: I.Scores, failures: dict[str, Any] | None) -> dict[str, Any] | None:
     """The run audit: what run.json says, and whether it agrees with the files at hand."""
@@ -171,13 +177,13 @@ def _run_section(run: dict[str, Any] | None, card: dict[str, Any] | None, model_
     recorded = [h for h in I.find_key(run, "card_sha256") if isinstance(h, str)]
     if card is not None and recorded:
         ok = I.card_sha256(card) in recorded
-        checks.append({"check": "model card digest in run.json matches --model",
+        checks.append({"check": CARD_DIGEST_CHECK,
                        "result": "pass" if ok else "FAIL"})
     if model_dir is not None:
         for digests in I.find_key(run, "file_sha256"):
             if isinstance(digests, dict) and "model.json" in digests:
                 ok = digests["model.json"] == I.file_sha256(Path(model_dir) / "model.json")
-                checks.append({"check": "model.json file digest matches run.json",
+                checks.append({"check": FILE_DIGEST_CHECK,
                                "result": "pass" if ok else "FAIL"})
                 break
     run_labels = [v for v in I.find_key(run, "labels") if isinstance(v, list)]
@@ -384,7 +390,7 @@ def validation_report(
     run_section = _run_section(run, card, model_dir, sc, failures)
     audit_failures = [c["check"] for c in (run_section or {}).get("checks", [])
                       if c["result"] != "pass"]
-    model_mismatch = [c for c in audit_failures if "digest" in c]
+    model_mismatch = [c for c in audit_failures if c in (CARD_DIGEST_CHECK, FILE_DIGEST_CHECK)]
     if model_mismatch and not accept_model_mismatch:
         raise ReportInputError(
             "--model is not the model that produced these scores (run audit: "
