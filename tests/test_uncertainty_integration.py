@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import medfusion.inference as fm
 from medfusion.explain.benchmark import lesion_cohort, study_inputs, train_lesion_model
 from medfusion.uncertainty import ConformalPredictor, TemperatureScaler
 
-fm = pytest.importorskip("medfusion.inference")
 GRID = (16, 16, 16)
 
 

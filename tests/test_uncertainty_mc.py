@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import medfusion.models.net as net_module
 from medfusion.errors import CalibrationError
-
-net_module = pytest.importorskip("medfusion.models.net")
 
 
 def _net(seed: int = 0, fusion: str = "attention", dropout: float = 0.3):
