@@ -28,7 +28,6 @@ def _rows(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
         return list(reader.fieldnames or []), rows
 
 
-@pytest.mark.skipif(not (MODEL / "model.json").is_file(), reason="bundled samples not built")
 def test_predict_and_score_write_the_same_values(tmp_path: Path) -> None:
     runner = CliRunner()
     scored = runner.invoke(app, ["score", str(SAMPLES / "studies"), "--model", str(MODEL),
@@ -74,7 +73,6 @@ def test_card_format_is_checked(tmp_path: Path) -> None:
         ModelCard.from_dict({"labels": ["a", "b"]})
 
 
-@pytest.mark.skipif(not (MODEL / "model.json").is_file(), reason="bundled samples not built")
 def test_a_newer_package_is_refused_by_name(tmp_path: Path) -> None:
     newer = tmp_path / "model"
     shutil.copytree(MODEL, newer)
