@@ -270,7 +270,6 @@ class FusionModel:
         member_probs, weights = self.member_outputs(images, clinical, present)
         raw = member_probs.mean(axis=0)
         probs = self.calibrated(raw)
-        uncertainty = self._uncertainty(probs, member_probs)
         # MC dropout (single-network models), modality Shapley values, feature shift
         trust = trust_outputs(self, images, clinical, present, probs,
                               shift_reference=self.shift_reference)
@@ -278,7 +277,7 @@ class FusionModel:
             # Distance-aware probabilities: unchanged within the validation range, pulled
             # towards uniform beyond it (medfusion.uncertainty.shift); the class is kept.
             probs = self.shift_reference.adjust(probs, trust.feature_shift)
-            uncertainty["entropy"] = self._uncertainty(probs, member_probs)["entropy"]
+        uncertainty = self._uncertainty(probs, member_probs)
         if trust.mutual_info is not None:
             uncertainty["mutual_info"] = list(trust.mutual_info)
             uncertainty["prob_std"] = list(trust.prob_std or [])
