@@ -52,6 +52,45 @@ class Step:
         }
 
 
+@dataclass(frozen=True)
+class SourceInstance:
+    """One DICOM instance a volume was read from: its SOP class and instance UIDs and, for a
+    single-frame slice, its ImagePositionPatient (LPS mm)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    position: tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class DicomSource:
+    """The few header facts of a DICOM series that a result object written back into the
+    patient's study needs (no pixel data): UIDs of the study, series, frame of reference and
+    every instance, the slice geometry, and the Patient / General Study attributes.
+
+    ``identity`` holds patient identifiers: it is read only by the DICOM result writer
+    (``medfusion.explain.dicom``), never logged, summarised or written to any other output;
+    it is left out of ``repr``.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str | None
+    modality: str
+    rows: int
+    columns: int
+    #: ImageOrientationPatient (row direction, column direction), LPS
+    orientation: tuple[float, ...] | None
+    #: PixelSpacing in DICOM order (between rows, between columns), mm
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    instances: tuple[SourceInstance, ...]
+    #: an enhanced multi-frame or mosaic file: the instances are not one slice each
+    multiframe: bool = False
+    series_number: int | None = None
+    identity: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """An image in world space. See the module docstring for conventions."""
@@ -62,6 +101,8 @@ class Volume:
     meta: Mapping[str, Any] = field(default_factory=dict)
     issues: tuple[Finding, ...] = ()
     history: tuple[Step, ...] = ()
+    #: DICOM header facts of the series it was read from (None for NIfTI); see DicomSource
+    dicom: DicomSource | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         affine = np.asarray(self.affine, dtype=np.float64)

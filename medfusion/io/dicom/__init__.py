@@ -141,6 +141,7 @@ from medfusion.io.dicom.series import (  # noqa: F401 - re-exported
     _load_stack,
     _slices_from_header,
 )
+from medfusion.io.dicom.source import dicom_source
 from medfusion.io.dicom.stack import (  # noqa: F401 - re-exported
     _POS_TOL_MM,
     _SPACING_ABS_TOL_MM,
@@ -156,6 +157,7 @@ from medfusion.types import Volume
 __all__ = [
     "DicomScan",
     "SeriesInfo",
+    "dicom_source",
     "load_dicom_file",
     "load_series",
     "scan_dicom",
@@ -250,7 +252,9 @@ def load_series(info: SeriesInfo, *, strict: bool = False) -> Volume:
         volume = _load_projection(headers[0], info, strict=strict, what=what)
     else:
         volume = _load_stack(headers, info, strict=strict, what=what)
-    return _checked_volume(volume, what)
+    volume = _checked_volume(volume, what)
+    # the UIDs and identity a DICOM result object needs; no pixel data, never output
+    return volume.replace(dicom=dicom_source(headers, info))
 
 
 def _checked_volume(volume: Volume, what: str) -> Volume:

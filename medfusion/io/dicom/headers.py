@@ -75,6 +75,24 @@ _IDENTIFIER_TAGS = (
 )
 
 
+#: Patient and General Study attributes kept (in ``DicomSource.identity``) only so that a DICOM
+#: result object written on explicit request belongs to the patient's study; never output
+#: anywhere else.
+IDENTITY_TAGS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
 _TIME_TAGS = (
     "TemporalPositionIdentifier",
     "AcquisitionNumber",
@@ -94,6 +112,7 @@ _HEADER_TAGS = sorted(
         "SOPClassUID",
         "SOPInstanceUID",
         "SeriesInstanceUID",
+        "FrameOfReferenceUID",
         "StudyInstanceUID",
         "SeriesNumber",
         "SeriesDescription",
@@ -126,6 +145,7 @@ _HEADER_TAGS = sorted(
         "ContentDate",
         *META_ALLOW_LIST,
         *_IDENTIFIER_TAGS,
+        *IDENTITY_TAGS,
         *_TIME_TAGS,
     }
 )
