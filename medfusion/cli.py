@@ -25,6 +25,15 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+_CAM_HELP = "Saliency method with --explain: gradcam or gradcam++."
+_DICOM_HELP = (
+    "With --explain: also write, per study read from DICOM, a DICOM structured report "
+    "(TID 1500) and parametric saliency maps to {where}. THESE CARRY THE PATIENT'S NAME, "
+    "ID AND STUDY (they belong in the patient's study in a PACS) and are kept apart from "
+    "the PHI-free outputs. Studies read from NIfTI get none.")
+_DEID_HELP = ("Like --dicom, but the objects carry the pseudonymous study key instead of "
+              "the patient's identity, and new UIDs in place of the source's (research).")
+
 
 def _version(value: bool) -> None:
     if value:
@@ -163,14 +172,25 @@ def predict(
         False, "--allow-missing-clinical",
         help="Accept model clinical columns absent from the manifest as missing for every "
              "study (rows flagged CLINICAL_COLUMNS_MISSING); refused otherwise."),
+    cam_method: str = typer.Option("gradcam", "--cam-method", help=_CAM_HELP),
+    dicom: bool = typer.Option(
+        False, "--dicom", help=_DICOM_HELP.format(where="dicom/<study_id>/ next to --out")),
+    dicom_deidentified: bool = typer.Option(False, "--dicom-deidentified", help=_DEID_HELP),
 ) -> None:
     """Score every study of a manifest: study_id, predicted, prob_<label>, weight_<role>."""
+    from medfusion.explain.api import CAM_METHODS
     from medfusion.inference import predict_manifest
 
+    if cam_method not in CAM_METHODS:
+        _fail(MedfusionError(f"--cam-method must be one of {', '.join(CAM_METHODS)}",
+                             code="BAD_OPTION"))
+    dicom_dir = out.parent / "dicom" if (dicom or dicom_deidentified) else None
     try:
         path = predict_manifest(model_dir, manifest, out, explain=explain,
                                 saliency_dir=saliency_dir, alpha=alpha,
-                                allow_missing_clinical=allow_missing_clinical)
+                                allow_missing_clinical=allow_missing_clinical,
+                                cam_method=cam_method, dicom_dir=dicom_dir,
+                                dicom_deidentified=dicom_deidentified)
     except MedfusionError as error:
         _fail(error)
         return
@@ -205,6 +225,10 @@ def score(
         False, "--allow-missing-clinical",
         help="Accept model clinical columns absent from --clinical as missing for every "
              "study (rows flagged CLINICAL_COLUMNS_MISSING); refused otherwise."),
+    cam_method: str = typer.Option("gradcam", "--cam-method", help=_CAM_HELP),
+    dicom: bool = typer.Option(False, "--dicom",
+                               help=_DICOM_HELP.format(where="OUT/dicom/<study_id>/")),
+    dicom_deidentified: bool = typer.Option(False, "--dicom-deidentified", help=_DEID_HELP),
 ) -> None:
     """Score every study of a folder: scores.csv, failures.csv, saliency/, run.json.
 
@@ -219,7 +243,8 @@ def score(
             explain=explain, alpha=alpha, engine=engine, ray_address=ray_address, seed=seed,
             time_budget_s=time_budget, memory_budget_mb=memory_budget,
             progress=not no_progress, command_line=sys.argv,
-            allow_missing_clinical=allow_missing_clinical,
+            allow_missing_clinical=allow_missing_clinical, dicom=dicom,
+            dicom_deidentified=dicom_deidentified, cam_method=cam_method,
         )
     except MedfusionError as error:
         _fail(error)

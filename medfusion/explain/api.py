@@ -34,7 +34,10 @@ from medfusion.models.net import FusionNet
 from medfusion.models.protocol import TrainedModel, base_rate, temperature_of
 from medfusion.types import Explanation, Volume
 
-__all__ = ["base_rate", "explain_prediction"]
+__all__ = ["CAM_METHODS", "base_rate", "explain_prediction"]
+
+#: saliency methods by their command-line name (``--cam-method``) -> ``role_cam`` method
+CAM_METHODS = {"gradcam": "gradcam", "gradcam++": "gradcampp"}
 
 log = logging.getLogger("medfusion.explain")
 
@@ -76,8 +79,10 @@ def explain_prediction(
 
     ``model`` is any :class:`~medfusion.models.protocol.TrainedModel` (a loaded
     ``medfusion.FusionModel`` is one); ``method`` is
-    ``"gradcam"`` or ``"gradcampp"``; ``clinical=False`` skips integrated gradients.
+    ``"gradcam"`` or ``"gradcampp"`` (``"gradcam++"`` is the same); ``clinical=False``
+    skips integrated gradients.
     """
+    method = CAM_METHODS.get(method, method)
     if method not in METHODS:
         raise ExplanationError(f"unknown saliency method {method!r}; use one of {METHODS}.")
     nets = list(model.nets)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from medfusion.atomic import atomic_open
 from medfusion.errors import ClinicalSchemaError, MedfusionError, OutputError
+from medfusion.explain.dicom import ModelIdentity, write_dicom_results
 from medfusion.explain.export import write_explanation
 from medfusion.inference.model import FusionModel
 from medfusion.inference.table import prediction_columns, prediction_row
 from medfusion.io.clinical import FLAG_COLUMNS_MISSING
 from medfusion.io.manifest import read_manifest_rows
 from medfusion.io.volume import load_volume
-from medfusion.keys import pseudonym
+from medfusion.keys import pseudonym, safe_component
 from medfusion.types import Study
 
 log = logging.getLogger("medfusion.inference")
@@ -31,7 +32,9 @@ def predict_columns(model: FusionModel, *, explain: bool) -> list[str]:
 
 def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str | Path, *,
                      explain: bool = False, saliency_dir: str | Path | None = None,
-                     alpha: float = 0.1, allow_missing_clinical: bool = False) -> Path:
+                     alpha: float = 0.1, allow_missing_clinical: bool = False,
+                     cam_method: str = "gradcam", dicom_dir: str | Path | None = None,
+                     dicom_deidentified: bool = False) -> Path:
     """Score every row of ``manifest`` with the model in ``model_dir`` into ``out_csv``.
 
     Columns: the predictions table (:mod:`medfusion.inference.table`; ``shapley_<modality>``
@@ -41,10 +44,17 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
     missing). A clinical column of the model that the manifest lacks is refused
     (``CLINICAL_SCHEMA``) unless ``allow_missing_clinical`` (then missing for every study,
     each row flagged ``CLINICAL_COLUMNS_MISSING``); one spelled differently (``Age``) is
-    always refused. With ``explain`` and ``saliency_dir``, saliency maps are written there.
-    The file is written atomically.
+    always refused. With ``explain`` and ``saliency_dir``, saliency maps are written there
+    (``cam_method``: ``gradcam`` or ``gradcam++``). With ``explain`` and ``dicom_dir``, each
+    DICOM-sourced study's structured report and parametric maps are written to
+    ``dicom_dir/<study_id>/`` (:mod:`medfusion.explain.dicom`): they carry the patient's
+    identity unless ``dicom_deidentified``. The file is written atomically.
     """
+    if dicom_dir is not None and not explain:
+        raise MedfusionError("--dicom needs --explain (the parametric maps are the saliency "
+                             "maps)", code="BAD_OPTION")
     model = FusionModel.load(model_dir)
+    identity = ModelIdentity.of(model.card, model_dir)
     schema = model.card.clinical.schema if model.card.clinical is not None else None
     rows = read_manifest_rows(manifest, roles=model.roles, labels=model.labels,
                               clinical=schema, require_labels=False, require_columns=False,
@@ -59,7 +69,7 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
             volumes = {r: load_volume(p) for r, p in row.paths.items() if p is not None}
             study = Study(key=pseudonym(row.study_id, prefix="st-"), volumes=volumes,
                           clinical=row.clinical)
-            pred = model.predict(study, explain=explain, alpha=alpha)
+            pred = model.predict(study, explain=explain, alpha=alpha, cam_method=cam_method)
         except MedfusionError as exc:
             log.warning("manifest line %d not scored (%s)", row.line, exc.code)
             lines.append({"study_id": row.study_id, ERROR_COLUMN: exc.code})
@@ -74,6 +84,20 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
                                   images=study.volumes)
             except MedfusionError as exc:
                 log.warning("manifest line %d: saliency not written (%s)", row.line, exc.code)
+        if dicom_dir is not None and pred.explanation is not None:
+            folder = Path(dicom_dir) / safe_component(row.study_id, prefix="st-")
+            try:
+                used = {r: v for r, v in study.volumes.items() if r in pred.modalities_used}
+                results = write_dicom_results(pred, pred.explanation, used, folder,
+                                              model=identity, study_key=study.key, alpha=alpha,
+                                              deidentify=dicom_deidentified)
+            except MedfusionError as exc:
+                log.warning("manifest line %d: DICOM objects not written (%s)", row.line,
+                            exc.code)
+            else:
+                if results.sr is None:
+                    log.info("manifest line %d: no DICOM objects (%s)", row.line,
+                             results.skipped.get("study", ""))
     try:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(out_csv, "w", newline="") as handle:

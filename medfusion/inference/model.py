@@ -259,8 +259,9 @@ class FusionModel:
 
     # -- prediction --------------------------------------------------------------------------
     def predict_prepared(self, batch: Sequence[PreparedInputs], *, explain: bool = False,
-                         alpha: float = 0.1) -> list[Prediction]:
-        """Predictions for prepared studies (same order). ``alpha``: conformal error rate."""
+                         alpha: float = 0.1, cam_method: str = "gradcam") -> list[Prediction]:
+        """Predictions for prepared studies (same order). ``alpha``: conformal error rate;
+        ``cam_method``: ``gradcam`` or ``gradcam++`` saliency (with ``explain``)."""
         if not batch:
             return []
         if not 0.0 < alpha < 1.0:
@@ -298,7 +299,7 @@ class FusionModel:
                 # one beyond their feature-shift range, or outside the acquisition range of
                 # the training split, has failed that test: no commitment.
                 pset = tuple(self.labels)
-            explanation = self._explain(prep, top) if explain else None
+            explanation = self._explain(prep, top, cam_method) if explain else None
             out.append(Prediction(
                 study_key=prep.study_key,
                 labels=self.labels,
@@ -336,10 +337,12 @@ class FusionModel:
             std = [float(spread[i, top[i]]) for i in range(n)]
         return {"entropy": [float(x) for x in entropy], "mutual_info": mi, "prob_std": std}
 
-    def _explain(self, prepared: PreparedInputs, target: int) -> Explanation:
-        return explain_prediction(self, prepared, target=target)
+    def _explain(self, prepared: PreparedInputs, target: int,
+                 method: str = "gradcam") -> Explanation:
+        return explain_prediction(self, prepared, target=target, method=method)
 
-    def predict(self, study: Study, *, explain: bool = False, alpha: float = 0.1) -> Prediction:
+    def predict(self, study: Study, *, explain: bool = False, alpha: float = 0.1,
+                cam_method: str = "gradcam") -> Prediction:
         """Prepare and predict one study."""
         return self.predict_prepared([self.prepare(study, keep_sources=explain)],
-                                     explain=explain, alpha=alpha)[0]
+                                     explain=explain, alpha=alpha, cam_method=cam_method)[0]

@@ -46,6 +46,8 @@ from rich.progress import (
 
 from medfusion import __version__
 from medfusion.errors import ClinicalSchemaError, MedfusionError, OutputError
+from medfusion.explain.api import CAM_METHODS
+from medfusion.explain.dicom import ModelIdentity, write_dicom_results
 from medfusion.explain.export import write_explanation
 from medfusion.inference.table import prediction_row
 from medfusion.io.clinical import FLAG_COLUMNS_MISSING, read_clinical_csv
@@ -64,6 +66,7 @@ log = logging.getLogger("medfusion.scoring")
 
 REBUILD_EVERY_S = 10.0  # snapshots of the CSVs while running; the journal is the truth
 ENGINES = ("local", "ray")
+DICOM = "dicom"  # OUT/dicom/<study>/: identity-bearing DICOM result objects (--dicom)
 FLAG_NO_CLINICAL = "no_clinical_record"
 
 
@@ -107,6 +110,9 @@ class RunOptions:
     progress: bool = True
     command_line: Sequence[str] | None = None
     allow_missing_clinical: bool = False
+    dicom: bool = False
+    dicom_deidentified: bool = False
+    cam_method: str = "gradcam"
 
 
 # --------------------------------------------------------------------------------------
@@ -126,6 +132,11 @@ def _check_options(opts: RunOptions) -> None:
         raise _bad_option("--alpha must be between 0 and 1 (e.g. 0.1 for 90% coverage)")
     if engine not in ENGINES:
         raise _bad_option(f"--engine must be one of {', '.join(ENGINES)}")
+    if (opts.dicom or opts.dicom_deidentified) and not opts.explain:
+        raise _bad_option("--dicom and --dicom-deidentified need --explain (the parametric "
+                          "maps are the saliency maps)")
+    if opts.cam_method not in CAM_METHODS:
+        raise _bad_option(f"--cam-method must be one of {', '.join(CAM_METHODS)}")
     for name, value in (("time budget", time_budget_s), ("memory budget", memory_budget_mb)):
         if value is not None and float(value) <= 0:
             raise _bad_option(f"the {name} must be positive")
@@ -184,6 +195,31 @@ def score_row(
     for role, path in (saliency or {}).items():
         row[f"saliency_{role}"] = path
     return row
+
+
+def write_dicom(
+    out: Path, study_id: str, study_key: str, pred: Prediction, sources: Mapping[str, Any],
+    model: ModelIdentity, *, alpha: float, deidentify: bool,
+) -> dict[str, Any]:
+    """Write one study's DICOM result objects to ``OUT/dicom/<study_id>/`` in one atomic
+    rename (same folder naming as saliency). Returns the PHI-free summary for run.json."""
+    root = out / DICOM
+    staging = root / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    folder_name = safe_component(study_id, prefix="st-")
+    final = O.path_under(root, folder_name)
+    tmp = O.path_under(staging, folder_name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    results = write_dicom_results(pred, pred.explanation, sources, tmp, model=model,
+                                  study_key=study_key, alpha=alpha, deidentify=deidentify)
+    if results.sr is not None:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    summary = results.summary()
+    summary["folder"] = f"{DICOM}/{folder_name}" if results.sr is not None else None
+    summary["deidentified"] = bool(deidentify)
+    return summary
 
 
 def write_saliency(
@@ -330,6 +366,9 @@ def score_folder(
     command_line: Sequence[str] | None = None,
     scorer_factory: ScorerFactory = load_fusion_scorer,
     allow_missing_clinical: bool = False,
+    dicom: bool = False,
+    dicom_deidentified: bool = False,
+    cam_method: str = "gradcam",
 ) -> RunSummary:
     """Score every study of ``studies_dir`` with the model in ``model_dir`` into ``out_dir``.
 
@@ -344,6 +383,13 @@ def score_folder(
     otherwise) unless ``allow_missing_clinical``: absent ones are then missing for every
     study and each scored row is flagged ``CLINICAL_COLUMNS_MISSING``. A study whose row
     has an invalid cell gets a failure row (stage ``clinical``) and the others are scored.
+
+    ``dicom`` (with ``explain``) also writes each DICOM-sourced study's structured report
+    and parametric maps to ``OUT/dicom/<study_id>/`` (:mod:`medfusion.explain.dicom`). These
+    carry the patient's identity (they belong in the patient's study) and are kept apart
+    from the PHI-free outputs; ``dicom_deidentified`` writes them with the pseudonymous study
+    key instead. A study read from NIfTI gets none; run.json says so under ``dicom``.
+    ``cam_method``: ``gradcam`` or ``gradcam++``.
     """
     t_start = time.monotonic()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -355,6 +401,8 @@ def score_folder(
         alpha=alpha, engine=engine, ray_address=ray_address, seed=seed,
         time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb, progress=progress,
         command_line=command_line, allow_missing_clinical=allow_missing_clinical,
+        dicom=dicom or dicom_deidentified, dicom_deidentified=dicom_deidentified,
+        cam_method=cam_method,
     )
     _check_options(opts)
     model_dir = opts.model_dir
@@ -422,6 +470,10 @@ def _run(
         "seed": int(seed),
         "clinical_sha256": clinical_sha,
     }
+    if opts.dicom:  # only when asked: journals of runs without it resume unchanged
+        header["dicom"] = "deidentified" if opts.dicom_deidentified else "identified"
+    if opts.cam_method != "gradcam":
+        header["cam_method"] = opts.cam_method
     # The engine starts before the journal is opened: a Ray cluster that cannot be reached
     # is a fatal error that leaves OUT empty (a plain re-run needs no --resume).
     preparer = early or _make_preparer(opts, scorer, scorer_factory)
@@ -438,9 +490,10 @@ def _run(
     n_resumed = sum(1 for ref in found.studies if ref.study_id in journal.entries)
     todo = deque(ref for ref in found.studies if ref.study_id not in journal.entries)
     for ref in todo:  # saliency renamed into place by a killed run, before its journal line
-        stale = out / O.SALIENCY / safe_component(ref.study_id, prefix="st-")
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+        for folder in (O.SALIENCY, DICOM):
+            stale = out / folder / safe_component(ref.study_id, prefix="st-")
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     run_info: dict[str, Any] = {
         "status": "running",
@@ -454,6 +507,9 @@ def _run(
             "time_budget_s": time_budget_s, "memory_budget_mb": memory_budget_mb,
             "clinical_sha256": clinical_sha, "ray_cluster": bool(opts.ray_address),
             "allow_missing_clinical": bool(allow_missing_clinical),
+            "cam_method": opts.cam_method,
+            "dicom": ("deidentified" if opts.dicom_deidentified else "identified")
+            if opts.dicom else None,
         },
         "seeds": {"seed": int(seed), "per_study": "sha256(seed:study_id)[:4]"},
         "command_line": safe_command_line(list(command_line if command_line is not None
@@ -479,7 +535,8 @@ def _run(
         info["studies"] = {
             rec["key"]: {k: rec.get(k) for k in ("status", "digest", "timings", "n_files",
                                                    "skipped_files", "unsafe_links", "issues",
-                                                   "stage", "code")}
+                                                   "stage", "code", "dicom")
+                if k in rec or k != "dicom"}
             for rec in journal.iter_sorted()
         }
         elapsed = time.monotonic() - t_start
@@ -487,6 +544,12 @@ def _run(
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         O.write_json(out / O.RUN_JSON, info)
 
+    dicom_model = None
+    if opts.dicom:
+        dicom_model = ModelIdentity(
+            name=os.path.basename(os.path.normpath(model_dir)) or "medfusion-model",
+            version=str(model_info.get("medfusion_version") or "unknown"),
+            card_sha256=str(model_info.get("card_sha256") or ""))
     bar = _Progress(False, 0, 0)
     newly = 0
     try:
@@ -527,7 +590,7 @@ def _run(
                 finish(_predict_record(record, scorer, labels, modalities, out, explain, alpha,
                                        seed, clinical_csv is not None
                                        and record["study_id"] not in with_clinical,
-                                       table.flags))
+                                       table.flags, dicom_model, opts))
             if time.monotonic() - last_snapshot > interval:
                 t_snap = time.monotonic()
                 snapshot("running")
@@ -542,9 +605,10 @@ def _run(
         preparer.close()
         journal.close()
     snapshot("complete")
-    staging = out / O.SALIENCY / ".staging"
-    if staging.is_dir() and not any(staging.iterdir()):
-        staging.rmdir()
+    for folder in (O.SALIENCY, DICOM):
+        staging = out / folder / ".staging"
+        if staging.is_dir() and not any(staging.iterdir()):
+            staging.rmdir()
     elapsed = time.monotonic() - t_start
     total = totals()
     codes: dict[str, int] = {}
@@ -589,6 +653,8 @@ def _predict_record(
     seed: int,
     no_clinical: bool,
     clinical_flags: Sequence[str] = (),
+    dicom_model: ModelIdentity | None = None,
+    opts: RunOptions | None = None,
 ) -> dict[str, Any]:
     """Inference (and saliency) for one prepared study, as a journal record."""
     ref = StudyRef(study_id=record["study_id"], key=record["key"], root="")
@@ -599,7 +665,9 @@ def _predict_record(
     try:
         seed_everything(study_seed(seed, ref.study_id))
         with quiet_libraries():
-            pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha)
+            cam_method = opts.cam_method if opts is not None else "gradcam"
+            pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha,
+                                  cam_method=cam_method)
             timings["predict_s"] = round(time.perf_counter() - t0, 4)
             stage = "explain"
             saliency = None
@@ -607,6 +675,18 @@ def _predict_record(
                 sources = getattr(record["prepared"], "sources", None) or None
                 saliency = write_saliency(out, ref.study_id, pred.explanation, sources)
                 timings["explain_s"] = round(time.perf_counter() - t0 - timings["predict_s"], 4)
+            if explain and dicom_model is not None and opts is not None:
+                t_dicom = time.perf_counter()
+                try:
+                    base["dicom"] = write_dicom(
+                        out, ref.study_id, ref.key, pred, sources or {}, dicom_model,
+                        alpha=alpha, deidentify=opts.dicom_deidentified)
+                except OutputError:
+                    raise
+                except MedfusionError as error:  # the row stands; the objects are missing
+                    base["dicom"] = {"sr": None, "maps": {}, "folder": None,
+                                     "skipped": {"study": f"not written ({error.code})"}}
+                timings["dicom_s"] = round(time.perf_counter() - t_dicom, 4)
         flags = [*([FLAG_NO_CLINICAL] if no_clinical else []), *clinical_flags]
         row = score_row(ref.study_id, pred, labels, modalities, flags, saliency,
                         explain=explain)

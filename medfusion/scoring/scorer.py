@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ from medfusion.errors import (
     ModelPackageError,
     NoImagesError,
 )
+from medfusion.explain.dicom import card_digest
 from medfusion.inference import FusionModel, PreparedInputs
 from medfusion.io.study import load_study
 from medfusion.scoring.discovery import StudyRef, input_digest, study_files
@@ -52,8 +52,10 @@ class Scorer(Protocol):
         """Study -> small, picklable model inputs (runs in workers). With ``explain`` the
         source volumes travel too (saliency is mapped back onto them)."""
 
-    def predict(self, prepared: Any, *, explain: bool, alpha: float) -> Prediction:
-        """Prepared inputs -> Prediction (runs in the parent)."""
+    def predict(self, prepared: Any, *, explain: bool, alpha: float,
+                cam_method: str = "gradcam") -> Prediction:
+        """Prepared inputs -> Prediction (runs in the parent); ``cam_method`` is the
+        saliency method with ``explain`` (``gradcam`` or ``gradcam++``)."""
 
     def describe(self) -> dict[str, Any]:
         """PHI-free description for run.json (card hash, recipe...)."""
@@ -90,10 +92,12 @@ class FusionModelScorer:
         prepared = self.model.prepare(study, keep_sources=explain)
         return prepared if explain else prepared.tensors_only()
 
-    def predict(self, prepared: PreparedInputs, *, explain: bool, alpha: float) -> Prediction:
+    def predict(self, prepared: PreparedInputs, *, explain: bool, alpha: float,
+                cam_method: str = "gradcam") -> Prediction:
         # One study per call: batching would make the floats depend on which studies
         # happened to be ready together, and rows must not depend on the worker count.
-        return self.model.predict_prepared([prepared], explain=explain, alpha=alpha)[0]
+        return self.model.predict_prepared([prepared], explain=explain, alpha=alpha,
+                                           cam_method=cam_method)[0]
 
     @property
     def clinical_schema(self) -> dict[str, dict[str, Any]] | None:
@@ -106,7 +110,6 @@ class FusionModelScorer:
 
     def describe(self) -> dict[str, Any]:
         card = self.model.card.to_dict()
-        card_json = json.dumps(card, sort_keys=True, default=str).encode("utf-8")
         files = {}
         for name in sorted(os.listdir(self.model_dir)):
             path = os.path.join(self.model_dir, name)
@@ -114,7 +117,8 @@ class FusionModelScorer:
                 with open(path, "rb") as handle:
                     files[name] = hashlib.file_digest(handle, "sha256").hexdigest()
         return {
-            "card_sha256": hashlib.sha256(card_json).hexdigest(),
+            "card_sha256": card_digest(self.model.card),
+            "medfusion_version": card.get("medfusion_version"),
             "file_sha256": files,
             "labels": list(self.labels),
             "roles": list(self.roles),
