@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -33,6 +34,11 @@ def test_train_then_predict(tmp_path: Path) -> None:
                                  str(tmp_path / "model"), "--seed", "2", "--quiet"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model" / "model.json").is_file()
+    # The network standardises its CT input with the training split's statistics: the
+    # windowed volumes are far from zero mean and unit variance, the stored values are not
+    # the identity.
+    role = json.loads((tmp_path / "model" / "model.json").read_text())["net"]["roles"]["ct"]
+    assert 0.0 < role["input_shift"] < 1.0 and 0.0 < role["input_scale"] < 0.5
     result = runner.invoke(app, ["predict", str(tmp_path / "model"), "--manifest",
                                  str(tmp_path / "c" / "manifest.csv"), "--out",
                                  str(tmp_path / "pred.csv")])

@@ -197,3 +197,33 @@ def test_attention_learns_to_weight_the_informative_modality() -> None:
         out = net({"ct": ct}, clinical, present)
     assert (out.logits.argmax(1) == y).float().mean() >= 0.9
     assert out.weights[:, 1].mean() > 0.6
+
+
+def test_input_standardisation_is_applied_before_the_encoder() -> None:
+    """A role with shift/scale sees exactly the standardised input of an identity role."""
+    plain = _net()
+    shifted = _config(roles={"mr": {"grid": [16, 16, 16], "input_shift": 0.5,
+                                    "input_scale": 0.04},
+                             "ct": {"grid": [16, 16, 16]}})
+    torch.manual_seed(0)
+    net = FusionNet(shifted).eval()
+    net.load_state_dict(plain.state_dict())
+    images, clinical, present = plain.dummy_inputs(3)
+    torch.manual_seed(1)
+    x = torch.rand(3, 1, 16, 16, 16)
+    with torch.no_grad():
+        a = net.encode({"mr": x, "ct": images["ct"]}, clinical, present)
+        b = plain.encode({"mr": (x - 0.5) / 0.04, "ct": images["ct"]}, clinical, present)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The standardisation is part of the stored configuration.
+    assert NetConfig.from_json(shifted.to_json()).roles["mr"].input_scale == 0.04
+
+
+def test_cards_without_input_standardisation_read_as_identity() -> None:
+    old = RoleNetConfig.from_dict({"encoder": "smallcnn", "spatial_dims": 3,
+                                   "grid": [16, 16, 16]})
+    assert (old.input_shift, old.input_scale, old.standardizes) == (0.0, 1.0, False)
+    for bad in ({"input_scale": 0.0}, {"input_scale": float("nan")},
+                {"input_shift": float("inf")}):
+        with pytest.raises(RecipeError, match="standardisation"):
+            RoleNetConfig.from_dict({"grid": [16, 16, 16], **bad})

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,14 +62,22 @@ def _frozen_batchnorm(module: nn.Module) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class RoleNetConfig:
-    """How one imaging role is encoded: encoder name, 2D/3D, and the input grid (I, J, K).
+    """How one imaging role is encoded: encoder name, 2D/3D, the input grid (I, J, K) and
+    the input standardisation ``(x - input_shift) / input_scale``.
 
-    An X-ray role has ``spatial_dims=2`` and ``grid=(I, J, 1)``.
+    An X-ray role has ``spatial_dims=2`` and ``grid=(I, J, 1)``. The trainer sets
+    ``input_shift`` / ``input_scale`` to the mean and standard deviation of the role's
+    prepared training inputs (a package written before they existed reads 0 / 1, identity).
+    Why: a CT window maps soft tissue to about 0.5 with contrasts of a few hundredths; that
+    offset next to the encoder's zero padding made the default recipe's training diverge
+    to a constant output on AdrenalMNIST3D (docs/training.md, "Input standardisation").
     """
 
     encoder: str = DEFAULT_ENCODER
     spatial_dims: int = 3
     grid: tuple[int, int, int] = (32, 32, 32)
+    input_shift: float = 0.0
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -91,9 +100,24 @@ class RoleNetConfig:
                 f"encoder {self.encoder!r} needs a grid of at least {low} per axis, got {grid}"
             )
         object.__setattr__(self, "grid", grid)
+        shift, scale = float(self.input_shift), float(self.input_scale)
+        if not (math.isfinite(shift) and math.isfinite(scale) and scale > 0.0):
+            raise RecipeError(
+                f"input standardisation needs a finite shift and a positive scale, got "
+                f"({self.input_shift!r}, {self.input_scale!r})"
+            )
+        object.__setattr__(self, "input_shift", shift)
+        object.__setattr__(self, "input_scale", scale)
+
+    @property
+    def standardizes(self) -> bool:
+        """Whether the input standardisation is anything but the identity."""
+        return self.input_shift != 0.0 or self.input_scale != 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"encoder": self.encoder, "spatial_dims": self.spatial_dims, "grid": list(self.grid)}
+        return {"encoder": self.encoder, "spatial_dims": self.spatial_dims,
+                "grid": list(self.grid), "input_shift": self.input_shift,
+                "input_scale": self.input_scale}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoleNetConfig:
@@ -101,6 +125,8 @@ class RoleNetConfig:
             encoder=str(d.get("encoder", DEFAULT_ENCODER)),
             spatial_dims=int(d.get("spatial_dims", 3)),
             grid=tuple(d.get("grid", (32, 32, 32))),  # type: ignore[arg-type]
+            input_shift=float(d.get("input_shift", 0.0)),
+            input_scale=float(d.get("input_scale", 1.0)),
         )
 
 
@@ -322,6 +348,8 @@ class FusionNet(nn.Module):
                         f"modality {role!r} must be shaped {expected} (batch, channel, grid), "
                         f"got {tuple(x.shape)}: preprocess it to the model's grid"
                     )
+            if x is not None and rc.standardizes:
+                x = (x - rc.input_shift) * (1.0 / rc.input_scale)
             cols.append(self._encode_part(role, self.encoders[role], x, idx, batch))
         if self.clinical_encoder is not None:
             idx = torch.nonzero(present[:, -1]).squeeze(1)

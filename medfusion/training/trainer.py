@@ -523,6 +523,27 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
     return {"best_epoch": best["epoch"], "val_auroc": best["val_auroc"]}
 
 
+def input_standardization(images: np.ndarray, present: np.ndarray, train_idx: np.ndarray
+                          ) -> dict[str, float]:
+    """``input_shift`` / ``input_scale`` for one imaging role (``images`` (N, 1, *grid),
+    ``present`` (N,) bool): the mean and standard deviation of every voxel of its prepared
+    training inputs, accumulated in float64. A constant input keeps scale 1."""
+    rows = train_idx[present[train_idx]]
+    if len(rows) == 0:
+        return {"input_shift": 0.0, "input_scale": 1.0}
+    total = total_sq = 0.0
+    count = 0
+    for i in rows:
+        x = images[i].astype(np.float64, copy=False)
+        total += float(x.sum())
+        total_sq += float(np.square(x).sum())
+        count += x.size
+    mean = total / count
+    var = max(0.0, total_sq / count - mean * mean)
+    std = math.sqrt(var)
+    return {"input_shift": mean, "input_scale": std if std > 1e-6 * max(1.0, abs(mean)) else 1.0}
+
+
 def _counts(data: PreparedDataset, labels: tuple[str, ...], roles: tuple[str, ...]
             ) -> dict[str, Any]:
     """Training-data summary without any identifier: counts per split/label and missing."""
@@ -609,7 +630,10 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
         clinical = np.asarray(preproc.transform(data.clinical_rows), dtype=np.float32)
 
     config = NetConfig(
-        roles={r: RoleNetConfig(encoder=o.encoder, spatial_dims=o.spatial_dims, grid=o.grid)
+        roles={r: RoleNetConfig(encoder=o.encoder, spatial_dims=o.spatial_dims, grid=o.grid,
+                                **input_standardization(
+                                    data.images[r], data.present[:, rec.roles.index(r)],
+                                    train_idx))
                for r, o in rec.modalities.items()},
         n_clinical=0 if clinical is None else int(clinical.shape[1]),
         n_classes=len(rec.labels),
