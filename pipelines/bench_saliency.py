@@ -6,7 +6,7 @@ NIfTI in HU: 40 + 400 x the synthetic intensity), every study carrying a bright 
 (radius 6 mm, present in both classes, so it cannot decide the label) and positives carrying
 the lesion (radius 4.5 mm). The model is trained through the real path,
 :func:`medfusion.training.trainer.train`, with the default recipe (``modalities: {ct: {}}``:
-48^3 grid, ``smallcnn``, attention fusion) and the manifest's fixed splits; only ``epochs``
+its default grid, ``smallcnn``, attention fusion) and the manifest's fixed splits; only ``epochs``
 is set (2 CPU cores).
 
 For every positive test study the map is computed on the model grid, mapped onto the
@@ -37,7 +37,6 @@ import torch
 LABELS = ("normal", "lesion")
 SHAPE = (48, 48, 16)
 SPACING = (1.0, 1.0, 2.5)
-GRID = (48, 48, 48)
 DECOY_MM = 6.0
 #: "on the lesion": within the sphere plus half a source-voxel diagonal
 TOL_MM = 0.5 * float(np.linalg.norm(SPACING))
@@ -154,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
           f"voxels of {SPACING} mm, decoy r={DECOY_MM} mm, lesion r=4.5 mm; default recipe, "
           f"{args.epochs} epochs; trained in {trained_s:.0f} s; test AUROC {auroc}")
     auto = target_layer(net, "ct")
-    print(f"default: gradcam at the automatic layer, at {GRID}: {auto}; "
+    grid = tuple(net.config.roles["ct"].grid)
+    print(f"default: gradcam at the automatic layer, at {grid}: {auto}; "
           f"hit tolerance {TOL_MM:.2f} mm beyond the lesion radius")
 
     layers = candidate_layers(net, "ct")
