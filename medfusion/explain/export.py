@@ -1,12 +1,15 @@
-"""Saliency back on the scanner grid, written as NIfTI plus a PNG montage.
+"""Saliency back on the scanner grid, written as NIfTI plus a PNG figure.
 
 ``DIR/<study_id>/<role>.nii.gz`` holds the map on exactly the source volume's spatial shape
 and affine (sform and qform both set, code 1 "scanner"), float32 in [0, 1], with an empty
-description: no identifier in the header. ``<role>.png`` shows axial slices around the
-peak in radiological display (patient's right on the image's left, anterior up), over the
-source image when given; a radiograph (K = 1) is one 2D panel instead, as stored (first
-row at the top, first column on the left, as a DICOM viewer shows it), pixels drawn to
-scale from the pixel spacing. Files are written atomically (temporary file, then rename).
+description: no identifier in the header. ``<role>.png`` shows axial, coronal and sagittal
+slices through the map's peak inside the body in radiological display (patient's right on
+the image's left, anterior or superior up; orientation letters on every panel), over the
+source image in its modality's window (CT presets, MR percentiles), the map transparent
+below a threshold, with a colour bar and the study key and role in the title. A radiograph
+(K = 1) is one 2D panel instead, as stored (first row at the top, first column on the left,
+as a DICOM viewer shows it), pixels drawn to scale from the pixel spacing. Files are
+written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -164,8 +167,79 @@ def _write_planar_png(saliency: Volume, background: Volume | None, path: Path,
     _save(fig, path)
 
 
+#: long side of one panel of a 3D figure, in PNG pixels (>= 256 whatever the source size)
+PANEL_PX = 320
+#: map values below this are transparent in the figures (the colour bar shows the scale)
+MAP_THRESHOLD = 0.3
+#: CT display windows (centre, width) in HU; chosen from BodyPartExamined
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "soft tissue": (40.0, 400.0),
+}
+_HEAD_PARTS = ("HEAD", "BRAIN", "SKULL")
+
+
+def _window(background: Volume, image: np.ndarray) -> tuple[float, float, str]:
+    """Gray limits from the modality: a CT preset (brain for a head, soft tissue otherwise),
+    else the 1st-99th percentile of the body's voxels."""
+    if str(background.modality).upper() == "CT":
+        part = str(background.meta.get("BodyPartExamined", "")).upper()
+        name = "brain" if any(p in part for p in _HEAD_PARTS) else "soft tissue"
+        centre, width = CT_WINDOWS[name]
+        return centre - width / 2.0, centre + width / 2.0, f"CT {name} window"
+    body = image[_body_mask(background, image)]
+    lo, hi = _gray_limits(body if body.size else image)
+    return lo, hi, "1-99th percentile"
+
+
+def _body_mask(background: Volume, image: np.ndarray) -> np.ndarray:
+    """Voxels inside the body: above -500 HU for CT, above a tenth of the 99th percentile
+    otherwise (air and the space around the patient excluded)."""
+    if str(background.modality).upper() == "CT":
+        return image > -500.0
+    finite = image[np.isfinite(image)]
+    if not finite.size:
+        return np.zeros(image.shape, dtype=bool)
+    return image > 0.1 * float(np.percentile(finite, 99))
+
+
+def _ras_spacing(volume: Volume) -> np.ndarray:
+    """Voxel size (mm) along the closest-canonical RAS array axes."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(volume.affine)
+    spacing = np.zeros(3)
+    for axis, (target, _flip) in enumerate(ornt):
+        spacing[int(target)] = volume.spacing[axis]
+    return spacing
+
+
+def figure_peak(sal: np.ndarray, bg: np.ndarray | None, background: Volume | None
+                ) -> tuple[int, int, int]:
+    """The voxel the figure's three slices go through: the map's peak inside the body (a
+    peak in the air beside the patient is not shown) and off the outermost tenth of the
+    field of view (Grad-CAM's padding edge); each restriction is dropped when it leaves no
+    map. Arrays in the figure's RAS order."""
+    inside = sal
+    if bg is not None and background is not None:
+        body = _body_mask(background, bg)
+        if body.any() and float((sal * body).max()) > 0:
+            inside = sal * body
+    core = np.zeros(sal.shape, dtype=bool)
+    core[tuple(slice(n // 10, n - n // 10) for n in sal.shape)] = True
+    if float((inside * core).max()) > 0:
+        inside = inside * core
+    i, j, k = np.unravel_index(int(np.argmax(inside)), sal.shape)
+    return int(i), int(j), int(k)
+
+
 def _write_png(saliency: Volume, background: Volume | None, path: Path, role: str,
-               n_slices: int = 5) -> None:
+               title: str | None = None, method: str = "gradcam") -> None:
+    """Three orthogonal slices (axial, coronal, sagittal) through the map's peak inside the
+    body and away from the edge of the field of view, in radiological display with
+    orientation letters; the source in its modality's window, the map transparent below
+    :data:`MAP_THRESHOLD`, a colour bar and a title naming the study key and the role.
+    A radiograph is one panel."""
     if is_planar(saliency):
         _write_planar_png(saliency, background, path, role)
         return
@@ -178,26 +252,64 @@ def _write_png(saliency: Volume, background: Volume | None, path: Path, role: st
     sal = _display_slices(saliency)
     bg_arr = _background_array(saliency, background)
     bg = None
+    window = None
     if bg_arr is not None and background is not None:
         bg = _display_slices(Volume(array=bg_arr, affine=background.affine))
-    depth = sal.shape[2]
-    peak_k = int(np.unravel_index(int(np.argmax(sal)), sal.shape)[2])
-    half = n_slices // 2
-    ks = sorted({int(np.clip(peak_k + d * max(1, depth // (2 * n_slices + 1)), 0, depth - 1))
-                 for d in range(-half, half + 1)})
-    fig, axes = plt.subplots(1, len(ks), figsize=(2.2 * len(ks), 2.6), squeeze=False)
-    for ax, k in zip(axes[0], ks, strict=True):
-        # RAS array: axis 0 -> patient right, axis 1 -> anterior. Radiological display:
-        # rows anterior->posterior, columns patient right->left.
-        if bg is not None:
-            b = bg[:, :, k]
-            lo, hi = _gray_limits(b)
-            ax.imshow(b[::-1, ::-1].T, cmap="gray", vmin=lo, vmax=hi)
-        ax.imshow(sal[::-1, ::-1, k].T, cmap="jet", vmin=0.0, vmax=1.0,
-                  alpha=0.45 if bg is not None else 1.0)
-        ax.set_title(f"{role} axial {k}", fontsize=7)
+        window = _window(background, bg)
+    pi, pj, pk = figure_peak(sal, bg, background)
+    sx, sy, sz = _ras_spacing(saliency)
+    nx, ny, nz = sal.shape
+    # RAS arrays; radiological display: patient right on the image's left, anterior or
+    # superior up. Each view: (2D array, extent (w, h) in mm, letters left/right/top/bottom)
+    views = [
+        ("axial", lambda a: a[::-1, ::-1, pk].T, (nx * sx, ny * sy), ("R", "L", "A", "P")),
+        ("coronal", lambda a: a[::-1, pj, ::-1].T, (nx * sx, nz * sz), ("R", "L", "S", "I")),
+        ("sagittal", lambda a: a[pi, ::-1, ::-1].T, (ny * sy, nz * sz), ("A", "P", "S", "I")),
+    ]
+    dpi = _PNG_DPI
+    pad, title_px, bar_px = 8, 28, 70
+    width_px = 3 * PANEL_PX + 4 * pad + bar_px
+    height_px = PANEL_PX + title_px + 2 * pad
+    fig = plt.figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, facecolor="black")
+    cmap = matplotlib.colormaps["jet"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    image = None
+    for n, (name, cut, (w_mm, h_mm), letters) in enumerate(views):
+        scale = PANEL_PX / max(w_mm, h_mm)
+        w, h = w_mm * scale, h_mm * scale
+        left = pad + n * (PANEL_PX + pad) + (PANEL_PX - w) / 2
+        bottom = pad + (PANEL_PX - h) / 2
+        ax = fig.add_axes((left / width_px, bottom / height_px, w / width_px, h / height_px))
+        extent = (0.0, w_mm, h_mm, 0.0)
+        if bg is not None and window is not None:
+            ax.imshow(cut(bg), cmap="gray", vmin=window[0], vmax=window[1], extent=extent,
+                      interpolation="antialiased", aspect="auto")
+        shown = np.ma.masked_less(cut(sal), MAP_THRESHOLD)
+        image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0,
+                          alpha=0.5 if bg is not None else 1.0, extent=extent,
+                          interpolation="nearest", aspect="auto")
+        ax.set_facecolor("black")
         ax.axis("off")
-    fig.tight_layout()
+        box = {"facecolor": "black", "alpha": 0.6, "pad": 1.0, "linewidth": 0}
+        for text, xy, ha, va in ((letters[0], (0.01, 0.5), "left", "center"),
+                                 (letters[1], (0.99, 0.5), "right", "center"),
+                                 (letters[2], (0.5, 0.99), "center", "top"),
+                                 (letters[3], (0.5, 0.01), "center", "bottom")):
+            ax.text(*xy, text, transform=ax.transAxes, color="white", fontsize=10,
+                    fontweight="bold", ha=ha, va=va, bbox=box)
+        index = {"axial": pk, "coronal": pj, "sagittal": pi}[name]
+        ax.text(0.01, 0.01, f"{name} {index}", transform=ax.transAxes, color="white",
+                fontsize=8, ha="left", va="bottom", bbox=box)
+    cax = fig.add_axes(((3 * PANEL_PX + 4 * pad) / width_px, (pad + 20) / height_px,
+                        14 / width_px, (PANEL_PX - 40) / height_px))
+    bar = fig.colorbar(image, cax=cax)
+    bar.set_label(f"saliency (< {MAP_THRESHOLD:g} not shown)", color="white", fontsize=8)
+    bar.ax.tick_params(colors="white", labelsize=7)
+    parts = [title or "", role, method.replace("gradcampp", "Grad-CAM++")
+             .replace("gradcam", "Grad-CAM")]
+    if window is not None:
+        parts.append(window[2])
+    fig.text(0.5, 1.0 - (title_px / 2) / height_px, "  |  ".join(p for p in parts if p),
+             color="white", fontsize=10, ha="center", va="center")
     _save(fig, path)
 
 
@@ -207,12 +319,14 @@ def write_explanation(
     study_id: str,
     *,
     images: Mapping[str, Volume] | None = None,
+    study_key: str | None = None,
 ) -> dict[str, Path]:
     """Write ``directory/<study_id>/<role>.nii.gz`` and ``<role>.png`` for every saliency map.
 
     ``study_id`` must be a plain name (use the pseudonymous key); ``images`` (the source
-    volumes by role) are drawn under the PNG overlay when given. Returns the written paths
-    by ``"<role>.nii.gz"`` / ``"<role>.png"``.
+    volumes by role) are drawn under the PNG overlay when given; ``study_key`` (the
+    pseudonymous key, default ``study_id``) is named in the figure's title. Returns the
+    written paths by ``"<role>.nii.gz"`` / ``"<role>.png"``.
     """
     if not isinstance(explanation, Explanation):
         raise ExplanationError("write_explanation needs a medfusion.types.Explanation.")
@@ -228,7 +342,8 @@ def write_explanation(
             nii = out_dir / f"{role}.nii.gz"
             png = out_dir / f"{role}.png"
             _write_nifti(volume, nii)
-            _write_png(volume, (images or {}).get(role), png, role)
+            _write_png(volume, (images or {}).get(role), png, role,
+                       title=study_key or study_id, method=explanation.method)
             written[nii.name] = nii
             written[png.name] = png
     except OSError as error:

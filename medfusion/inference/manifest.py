@@ -81,7 +81,7 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
         if saliency_dir is not None and pred.explanation is not None:
             try:
                 write_explanation(pred.explanation, Path(saliency_dir), row.study_id,
-                                  images=study.volumes)
+                                  images=study.volumes, study_key=study.key)
             except MedfusionError as exc:
                 log.warning("manifest line %d: saliency not written (%s)", row.line, exc.code)
         if dicom_dir is not None and pred.explanation is not None:

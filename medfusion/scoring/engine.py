@@ -223,7 +223,8 @@ def write_dicom(
 
 
 def write_saliency(
-    out: Path, study_id: str, explanation: Any, images: Mapping[str, Any] | None = None
+    out: Path, study_id: str, explanation: Any, images: Mapping[str, Any] | None = None,
+    study_key: str | None = None,
 ) -> dict[str, str]:
     """Write one study's saliency to ``OUT/saliency/<study_id>/`` in one atomic rename.
 
@@ -239,7 +240,8 @@ def write_saliency(
     final = O.path_under(sal_root, folder_name)
     tmp = O.path_under(staging, folder_name)
     shutil.rmtree(tmp, ignore_errors=True)
-    paths = write_explanation(explanation, staging, folder_name, images=images)
+    paths = write_explanation(explanation, staging, folder_name, images=images,
+                              study_key=study_key)
     written = {}
     for role in sorted(explanation.saliency):
         path = paths.get(f"{role}.nii.gz")
@@ -673,7 +675,8 @@ def _predict_record(
             saliency = None
             if explain:
                 sources = getattr(record["prepared"], "sources", None) or None
-                saliency = write_saliency(out, ref.study_id, pred.explanation, sources)
+                saliency = write_saliency(out, ref.study_id, pred.explanation, sources,
+                                          study_key=ref.key)
                 timings["explain_s"] = round(time.perf_counter() - t0 - timings["predict_s"], 4)
             if explain and dicom_model is not None and opts is not None:
                 t_dicom = time.perf_counter()
