@@ -58,6 +58,15 @@ def ece_binary(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
                      for b in range(bins) if np.any(which == b)))
 
 
+def ece_noise_floor(p: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Mean and 95th percentile of the ECE that perfectly calibrated probabilities ``p`` would
+    show on a test split of this size (labels drawn from ``p`` itself): the floor below which
+    a measured ECE says nothing."""
+    rng = np.random.default_rng(seed)
+    sims = [ece_binary(p, (rng.random(len(p)) < p).astype(int)) for _ in range(draws)]
+    return float(np.mean(sims)), float(np.percentile(sims, 95))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, choices=(28, 64), default=28)
@@ -119,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<28}{b_auc:>7.3f}{b_acc:>7.3f}{'':>7}")
     print(f"{'medfusion default (this run)':<28}{roc_auc_score(y, p):>7.3f}"
           f"{np.mean(decided == y):>7.3f}{ece_binary(p, y):>7.3f}")
+    floor, floor95 = ece_noise_floor(p)
+    print(f"ECE of these probabilities were they perfectly calibrated (n={len(p)}, 2000 draws): "
+          f"mean {floor:.3f}, 95th percentile {floor95:.3f}")
     for warning in card["training"].get("warnings", []):
         print(f"card warning: {warning}")
     return 0
