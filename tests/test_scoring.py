@@ -30,7 +30,7 @@ from test_scoring_support import (
 
 from medfusion.errors import MedfusionError
 from medfusion.keys import pseudonym
-from medfusion.scoring.engine import score_folder
+from medfusion.scoring.engine import score_folder, stage_summary
 from medfusion.testing import dicom_factory
 
 HEADER = (
@@ -95,7 +95,18 @@ def test_scores_csv_contract_and_audit_trail(clean: Path, cohort, model_dir: Pat
     assert set(run["studies"]) == keys
     for entry in run["studies"].values():
         assert re.fullmatch(r"[0-9a-f]{64}", entry["digest"]) and entry["status"] == "scored"
-        assert entry["timings"]["load_s"] >= 0 and entry["timings"]["predict_s"] >= 0
+        timings = entry["timings"]
+        assert set(timings) == {"read_s", "decode_s", "preprocess_s", "infer_s"}
+        assert timings["decode_s"] > 0 and timings["infer_s"] > 0  # DICOM and NIfTI decoded
+    # Where the time went: per stage, summed and per-study percentiles (workers=0 here).
+    stages = run["stages"]
+    assert set(stages["per_stage"]) == {"read", "decode", "preprocess", "infer"}
+    for stats in stages["per_stage"].values():
+        assert stats["studies"] == 4
+        assert 0 <= stats["p50_s"] <= stats["p90_s"] <= stats["max_s"] <= stats["total_s"]
+    assert stages["limited_by"] == "one process"
+    assert run["timings"]["setup_s"] <= run["timings"]["first_study_s"] \
+        <= run["timings"]["elapsed_s"]
     assert "study-00" not in (clean / "run.json").read_text()
     assert_no_sentinel(all_output_text(clean))
 
@@ -335,3 +346,18 @@ def test_loose_dicom_files_are_grouped_by_study_under_pseudonymous_ids(
     text = all_output_text(out)
     assert not any(uid in text for uid in uids)
     assert "study-00" not in text  # the loose files' names never reach an output
+
+
+def test_stage_summary_names_the_side_that_limits_the_run() -> None:
+    studies = [{"read_s": 0.1, "decode_s": 0.5 * n, "preprocess_s": 0.1, "infer_s": 0.2}
+               for n in range(1, 5)]
+    summary = stage_summary(studies, workers=2)
+    decode = summary["per_stage"]["decode"]
+    assert decode["total_s"] == 5.0 and decode["p50_s"] == 1.25 and decode["max_s"] == 2.0
+    assert summary["worker_side_s"] == 5.8 and summary["parent_side_s"] == 0.8
+    assert summary["limited_by"].startswith("workers") and summary["largest_stage"] == "decode"
+    fast_load = [dict(t, decode_s=0.01) for t in studies]
+    assert stage_summary(fast_load, workers=2)["limited_by"].startswith("parent")
+    assert stage_summary([], workers=2) == {
+        "per_stage": {}, "worker_side_s": 0.0, "parent_side_s": 0.0, "workers": 2,
+        "limited_by": None, "largest_stage": None}

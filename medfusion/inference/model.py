@@ -41,6 +41,7 @@ from medfusion.models.net import FusionNet, run_net, tta_variants
 from medfusion.models.package import load_package
 from medfusion.numerics import softmax
 from medfusion.preprocess import prepare_volume, to_tensor_input
+from medfusion.stages import timed
 from medfusion.types import Explanation, Prediction, Study, Volume
 from medfusion.uncertainty.calibration import LogitScaler
 from medfusion.uncertainty.conformal import ConformalPredictor
@@ -339,7 +340,8 @@ class FusionModel:
 
     def _explain(self, prepared: PreparedInputs, target: int,
                  method: str = "gradcam") -> Explanation:
-        return explain_prediction(self, prepared, target=target, method=method)
+        with timed("explain"):
+            return explain_prediction(self, prepared, target=target, method=method)
 
     def predict(self, study: Study, *, explain: bool = False, alpha: float = 0.1,
                 cam_method: str = "gradcam") -> Prediction:

@@ -62,6 +62,7 @@ from medfusion.errors import (
 from medfusion.io.limits import check_declared_size
 from medfusion.io.walk import link_loop_error
 from medfusion.keys import pseudonym
+from medfusion.stages import timed
 from medfusion.types import Finding, Volume
 
 __all__ = ["is_nifti_name", "load_nifti", "sniff_format", "sniff_gzip"]
@@ -498,7 +499,8 @@ def load_nifti(path: str | Path, *, strict: bool = False) -> Volume:
                 )
             if len(buf) > need:
                 del buf[need:]
-            _read_checked(stream, need - len(buf), buf, what, compressed)
+            with timed("decode"):  # the voxel bytes (gunzipped here for .nii.gz)
+                _read_checked(stream, need - len(buf), buf, what, compressed)
             if len(buf) < need:
                 raise TruncatedError(
                     f"{what}: the data ends after {len(buf)} of {need} declared bytes. "

@@ -26,12 +26,13 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -58,6 +59,7 @@ from medfusion.scoring.pool import InlinePreparer, LocalPool, ScorerFactory
 from medfusion.scoring.ray_engine import RayPreparer
 from medfusion.scoring.scorer import Scorer, failure, load_fusion_scorer, quiet_libraries
 from medfusion.seeding import seed_everything, study_seed
+from medfusion.stages import STAGES, collect
 from medfusion.types import Prediction
 
 __all__ = ["RunOptions", "RunSummary", "score_folder", "score_row", "study_seed"]
@@ -251,6 +253,45 @@ def write_saliency(
         shutil.rmtree(final)
     os.replace(tmp, final)
     return {role: f"{O.SALIENCY}/{folder_name}/{rel}" for role, rel in written.items()}
+
+
+def stage_summary(timings: Iterable[Mapping[str, Any]], workers: int) -> dict[str, Any]:
+    """Where the run's time went, from the per-study stage times (``<stage>_s``).
+
+    Per stage: how many studies recorded it, the total seconds and per-study percentiles.
+    ``worker_side_s`` (read + decode + preprocess) runs in ``workers`` processes at once,
+    ``parent_side_s`` (infer + explain + write) in the parent one study at a time, so
+    ``limited_by`` names the side whose time per lane is larger (``one process`` with
+    ``workers`` = 0, where everything runs in turn) and ``largest_stage`` the stage with
+    the largest total."""
+    rows = [t for t in timings if t]
+    per_stage: dict[str, dict[str, float | int]] = {}
+    for stage in STAGES:
+        values = np.array([float(t[f"{stage}_s"]) for t in rows if f"{stage}_s" in t])
+        if values.size == 0:
+            continue
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        per_stage[stage] = {"studies": int(values.size),
+                            "total_s": round(float(values.sum()), 3),
+                            "mean_s": round(float(values.mean()), 4),
+                            "p50_s": round(float(p50), 4), "p90_s": round(float(p90), 4),
+                            "p99_s": round(float(p99), 4), "max_s": round(float(values.max()), 4)}
+
+    def total(names: Sequence[str]) -> float:
+        return round(sum(float(per_stage[n]["total_s"]) for n in names if n in per_stage), 3)
+
+    worker_side = total(("read", "decode", "preprocess"))
+    parent_side = total(("infer", "explain", "write"))
+    if workers <= 0:
+        limited_by = "one process"
+    elif worker_side / workers >= parent_side:
+        limited_by = "workers (read + decode + preprocess)"
+    else:
+        limited_by = "parent (infer + explain + write)"
+    largest = max(per_stage, key=lambda n: float(per_stage[n]["total_s"]), default=None)
+    return {"per_stage": per_stage, "worker_side_s": worker_side, "parent_side_s": parent_side,
+            "workers": int(workers), "limited_by": limited_by if per_stage else None,
+            "largest_stage": largest}
 
 
 # --------------------------------------------------------------------------------------
@@ -543,7 +584,10 @@ def _run(
         }
         elapsed = time.monotonic() - t_start
         info["timings"] = {"elapsed_s": round(elapsed, 3),
-                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           **clock}
+        info["stages"] = stage_summary(
+            (rec.get("timings") or {} for rec in journal.iter_sorted()), workers)
         O.write_json(out / O.RUN_JSON, info)
 
     dicom_model = None
@@ -554,6 +598,9 @@ def _run(
             card_sha256=str(model_info.get("card_sha256") or ""))
     bar = _Progress(False, 0, 0)
     newly = 0
+    # This run's clock (not summed over resumed runs): set-up before the first study is
+    # handed out, the first study's finish, and the parent's idle time waiting for workers.
+    clock: dict[str, float] = {"setup_s": 0.0, "parent_idle_s": 0.0}
     try:
         snapshot("running")
         bar = _Progress(opts.progress, total=len(found.studies), done=n_resumed)
@@ -562,10 +609,13 @@ def _run(
         last_snapshot = time.monotonic()
         interval = REBUILD_EVERY_S
 
+        clock["setup_s"] = round(time.monotonic() - t_start, 3)
+
         def finish(record: dict[str, Any]) -> None:
             nonlocal newly
             journal.add(record)
             newly += 1
+            clock.setdefault("first_study_s", round(time.monotonic() - t_start, 3))
             bar.advance(record["status"] != "scored")
 
         # A bad clinical cell fails its own study before any loading; the batch goes on.
@@ -579,7 +629,12 @@ def _run(
             while todo and preparer.capacity() > 0 and len(ready) <= max_ready:
                 ref = todo.popleft()
                 preparer.submit((ref, clinical.get(ref.clinical_id), bool(explain)))
-            for record in preparer.poll(0.0 if ready else 0.2):
+            t_poll = time.monotonic()
+            polled = preparer.poll(0.0 if ready else 0.2)
+            if not ready and not isinstance(preparer, InlinePreparer):
+                clock["parent_idle_s"] = round(clock["parent_idle_s"] + time.monotonic()
+                                               - t_poll, 3)
+            for record in polled:
                 if record.get("ok"):
                     ready.append(record)
                 else:
@@ -668,18 +723,22 @@ def _predict_record(
         seed_everything(study_seed(seed, ref.study_id))
         with quiet_libraries():
             cam_method = opts.cam_method if opts is not None else "gradcam"
-            pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha,
-                                  cam_method=cam_method)
-            timings["predict_s"] = round(time.perf_counter() - t0, 4)
+            with collect() as seconds:  # the model marks its saliency time as "explain"
+                pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha,
+                                      cam_method=cam_method)
+            predict_s = time.perf_counter() - t0
+            explain_s = seconds.get("explain", 0.0)
+            timings["infer_s"] = round(max(0.0, predict_s - explain_s), 4)
+            if explain:
+                timings["explain_s"] = round(explain_s, 4)
             stage = "explain"
             saliency = None
+            t_write = time.perf_counter()
             if explain:
                 sources = getattr(record["prepared"], "sources", None) or None
                 saliency = write_saliency(out, ref.study_id, pred.explanation, sources,
                                           study_key=ref.key)
-                timings["explain_s"] = round(time.perf_counter() - t0 - timings["predict_s"], 4)
             if explain and dicom_model is not None and opts is not None:
-                t_dicom = time.perf_counter()
                 try:
                     base["dicom"] = write_dicom(
                         out, ref.study_id, ref.key, pred, sources or {}, dicom_model,
@@ -689,7 +748,8 @@ def _predict_record(
                 except MedfusionError as error:  # the row stands; the objects are missing
                     base["dicom"] = {"sr": None, "maps": {}, "folder": None,
                                      "skipped": {"study": f"not written ({error.code})"}}
-                timings["dicom_s"] = round(time.perf_counter() - t_dicom, 4)
+            if explain:
+                timings["write_s"] = round(time.perf_counter() - t_write, 4)
         flags = [*([FLAG_NO_CLINICAL] if no_clinical else []), *clinical_flags]
         row = score_row(ref.study_id, pred, labels, modalities, flags, saliency,
                         explain=explain)

@@ -37,6 +37,7 @@ from medfusion.explain.dicom import card_digest
 from medfusion.inference import FusionModel, PreparedInputs
 from medfusion.io.study import load_study
 from medfusion.scoring.discovery import StudyRef, input_digest, study_files
+from medfusion.stages import collect
 from medfusion.types import Prediction, Study
 
 
@@ -302,6 +303,17 @@ def _mirror(ref: StudyRef, files: Sequence[str], tmp: str) -> str:
     return tmp
 
 
+def _load_timings(load_s: float, seconds: Mapping[str, float],
+                  preprocess_s: float | None = None) -> dict[str, float]:
+    """A study's worker-side stage times (``docs/scoring.md``): ``read_s`` is everything
+    of loading but the pixel decode (file listing, digest, headers, stacking)."""
+    decode_s = float(seconds.get("decode", 0.0))
+    out = {"read_s": round(max(0.0, load_s - decode_s), 4), "decode_s": round(decode_s, 4)}
+    if preprocess_s is not None:
+        out["preprocess_s"] = round(preprocess_s, 4)
+    return out
+
+
 def prepare_task(
     scorer: Scorer,
     ref: StudyRef,
@@ -318,6 +330,7 @@ def prepare_task(
     out: dict[str, Any] = {"study_id": ref.study_id, "key": ref.key, "ok": False}
     files: list[str] = []
     stage = "discover"
+    seconds: dict[str, float] = {}
     try:
         files, skipped, unsafe = study_files(ref)
         out.update(n_files=len(files), skipped_files=skipped, unsafe_links=unsafe)
@@ -327,7 +340,8 @@ def prepare_task(
                 "no DICOM or NIfTI file in this study folder; add images or remove the folder"
             )
         stage = "load"
-        with quiet_libraries(), tempfile.TemporaryDirectory(prefix="mf-") as tmp:
+        with quiet_libraries(), tempfile.TemporaryDirectory(prefix="mf-") as tmp, \
+                collect() as seconds:
             # A study folder goes to the loader as it is (it skips links leaving the folder
             # too); a loose group of files gets a private folder of its own.
             folder = ref.folder if ref.folder else _mirror(ref, files, tmp)
@@ -344,7 +358,7 @@ def prepare_task(
         t2 = time.perf_counter()
         out["issues"] = sorted({f.code for f in study.issues})
         out["roles"] = list(study.roles)
-        out["timings"] = {"load_s": round(t1 - t0, 4), "prepare_s": round(t2 - t1, 4)}
+        out["timings"] = _load_timings(t1 - t0, seconds, preprocess_s=t2 - t1)
         if tracked:
             peak = peak_rss_mb()
             if peak is not None and base_mb is not None:
@@ -360,6 +374,6 @@ def prepare_task(
         if isinstance(error, KeyboardInterrupt | SystemExit):
             raise
         out["failure"] = failure(ref, stage, error, files)
-        out.setdefault("timings", {"load_s": round(time.perf_counter() - t0, 4)})
+        out.setdefault("timings", _load_timings(time.perf_counter() - t0, seconds))
         out["recycle"] = isinstance(error, BudgetExceededError | MemoryError)
     return out

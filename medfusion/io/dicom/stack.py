@@ -29,6 +29,7 @@ from medfusion.io.dicom.geometry import (
 from medfusion.io.dicom.pixels import _FLOAT32_MAX, _rescale_bound
 from medfusion.io.dicom.resample import _equalized_positions, _resample_grid, _resample_stack
 from medfusion.io.limits import check_declared_size
+from medfusion.stages import timed
 from medfusion.types import Finding
 
 
@@ -451,7 +452,8 @@ def _read_planes(
     n_all = len(order)
     check_declared_size((cols, rows, n_all), 4, what)
     buf = np.empty((n_all, rows, cols), dtype=np.float32)
-    zero = read_plane(order, buf)
+    with timed("decode"):
+        zero = read_plane(order, buf)
     zero_frames = [n for n, z in enumerate(zero) if z]
     if zero_frames:
         findings.append(
