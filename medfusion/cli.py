@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-_CAM_HELP = "Saliency method with --explain: gradcam or gradcam++."
+_CAM_HELP = ("Saliency method with --explain: occlusion (default; finds the evidence, a few "
+             "seconds per study), gradcam or gradcam++ (one pass, may light up a decoy).")
 _DICOM_HELP = (
     "With --explain: also write, per study read from DICOM, a DICOM structured report "
     "(TID 1500) and parametric saliency maps to {where}. THESE CARRY THE PATIENT'S NAME, "
@@ -172,7 +173,7 @@ def predict(
         False, "--allow-missing-clinical",
         help="Accept model clinical columns absent from the manifest as missing for every "
              "study (rows flagged CLINICAL_COLUMNS_MISSING); refused otherwise."),
-    cam_method: str = typer.Option("gradcam", "--cam-method", help=_CAM_HELP),
+    cam_method: str = typer.Option("occlusion", "--cam-method", help=_CAM_HELP),
     dicom: bool = typer.Option(
         False, "--dicom", help=_DICOM_HELP.format(where="dicom/<study_id>/ next to --out")),
     dicom_deidentified: bool = typer.Option(False, "--dicom-deidentified", help=_DEID_HELP),
@@ -225,7 +226,7 @@ def score(
         False, "--allow-missing-clinical",
         help="Accept model clinical columns absent from --clinical as missing for every "
              "study (rows flagged CLINICAL_COLUMNS_MISSING); refused otherwise."),
-    cam_method: str = typer.Option("gradcam", "--cam-method", help=_CAM_HELP),
+    cam_method: str = typer.Option("occlusion", "--cam-method", help=_CAM_HELP),
     dicom: bool = typer.Option(False, "--dicom",
                                help=_DICOM_HELP.format(where="OUT/dicom/<study_id>/")),
     dicom_deidentified: bool = typer.Option(False, "--dicom-deidentified", help=_DEID_HELP),
@@ -235,6 +236,12 @@ def score(
     Exit 0 when every study scored, 2 when some failed (see failures.csv), 1 on a fatal
     problem found before scoring.
     """
+    if engine == "local" and workers > 0:
+        # The workers' fork server imports torch and the loaders on another core while
+        # this process imports its own (start-up overlaps instead of adding up).
+        from medfusion.scoring.procs import start_server
+
+        start_server()
     from medfusion.scoring.engine import score_folder
 
     try:

@@ -28,7 +28,9 @@ from test_scoring_support import (
     trained_model,
 )
 
-from medfusion.errors import MedfusionError
+from medfusion.errors import MedfusionError, ModelPackageError
+from medfusion.inference import FusionModel
+from medfusion.io.study import load_study
 from medfusion.keys import pseudonym
 from medfusion.scoring.engine import score_folder, stage_summary
 from medfusion.testing import dicom_factory
@@ -361,3 +363,16 @@ def test_stage_summary_names_the_side_that_limits_the_run() -> None:
     assert stage_summary([], workers=2) == {
         "per_stage": {}, "worker_side_s": 0.0, "parent_side_s": 0.0, "workers": 2,
         "limited_by": None, "largest_stage": None}
+
+
+def test_workers_prepare_the_same_tensors_without_building_networks() -> None:
+    demo = Path(__file__).resolve().parents[1] / "data_samples"
+    study = load_study(demo / "studies" / "study-000")
+    full = FusionModel.load(demo / "demo_model")
+    light = FusionModel.load(demo / "demo_model", networks=False)
+    assert light.nets == [] and full.nets
+    a, b = full.prepare(study, keep_sources=False), light.prepare(study, keep_sources=False)
+    assert set(a.tensors) == set(b.tensors)
+    assert all(np.array_equal(a.tensors[r], b.tensors[r]) for r in a.tensors)
+    with pytest.raises(ModelPackageError, match="networks=False"):
+        light.predict_prepared([b])

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from medfusion.errors import MedfusionError, ModalityMismatchError, ModelPackageError
-from medfusion.explain.api import explain_prediction
+from medfusion.explain.api import DEFAULT_CAM_METHOD, explain_prediction
 from medfusion.inference.prepared import PreparedInputs, stack_prepared
 from medfusion.inference.trust import trust_outputs
 from medfusion.io.clinical import SCHEMA_KEYS, validate_record
@@ -72,7 +72,7 @@ class FusionModel:
     """A loaded model package. Build with :meth:`load` (from a folder)."""
 
     def __init__(self, card: ModelCard, tensors: Mapping[str, torch.Tensor],
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, *, networks: bool = True) -> None:
         self.card = card
         self.directory = directory
         self.labels: tuple[str, ...] = card.labels
@@ -87,7 +87,9 @@ class FusionModel:
             self.preprocessor = ClinicalPreprocessor.from_dict(card.clinical.preprocessor)
         self.nets: list[FusionNet] = []
         self.kernels: list[KernelFusionClassifier] = []
-        for entry in card.members:
+        # Without networks the model can prepare studies (scoring workers) but not predict:
+        # building them costs seconds of start-up (encoder libraries) a worker never uses.
+        for entry in card.members if networks else ():
             prefix = entry.prefix
             net = FusionNet(self.config)
             state = {k[len(prefix):]: v for k, v in tensors.items()
@@ -129,12 +131,14 @@ class FusionModel:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | Path) -> FusionModel:
+    def load(cls, directory: str | Path, *, networks: bool = True) -> FusionModel:
         """Load a package folder (sha256-checked; pickles refused without being run; a card
-        of an unknown or newer format refused with ModelPackageError)."""
+        of an unknown or newer format refused with ModelPackageError). With
+        ``networks=False`` the networks are not built: the model prepares studies
+        (:meth:`prepare`) and refuses to predict."""
         directory = Path(directory)
         data, tensors = load_package(directory)
-        return cls(ModelCard.from_dict(data), tensors, directory=directory)
+        return cls(ModelCard.from_dict(data), tensors, directory=directory, networks=networks)
 
     @classmethod
     def from_parts(cls, card: Mapping[str, Any] | ModelCard,
@@ -260,9 +264,14 @@ class FusionModel:
 
     # -- prediction --------------------------------------------------------------------------
     def predict_prepared(self, batch: Sequence[PreparedInputs], *, explain: bool = False,
-                         alpha: float = 0.1, cam_method: str = "gradcam") -> list[Prediction]:
+                         alpha: float = 0.1, cam_method: str = DEFAULT_CAM_METHOD
+                         ) -> list[Prediction]:
         """Predictions for prepared studies (same order). ``alpha``: conformal error rate;
-        ``cam_method``: ``gradcam`` or ``gradcam++`` saliency (with ``explain``)."""
+        ``cam_method``: ``occlusion``, ``gradcam`` or ``gradcam++`` saliency (with
+        ``explain``)."""
+        if not self.nets:
+            raise ModelPackageError("this model was loaded with networks=False: it prepares "
+                                    "studies but cannot predict; load it with networks=True")
         if not batch:
             return []
         if not 0.0 < alpha < 1.0:
@@ -339,12 +348,12 @@ class FusionModel:
         return {"entropy": [float(x) for x in entropy], "mutual_info": mi, "prob_std": std}
 
     def _explain(self, prepared: PreparedInputs, target: int,
-                 method: str = "gradcam") -> Explanation:
+                 method: str = DEFAULT_CAM_METHOD) -> Explanation:
         with timed("explain"):
             return explain_prediction(self, prepared, target=target, method=method)
 
     def predict(self, study: Study, *, explain: bool = False, alpha: float = 0.1,
-                cam_method: str = "gradcam") -> Prediction:
+                cam_method: str = DEFAULT_CAM_METHOD) -> Prediction:
         """Prepare and predict one study."""
         return self.predict_prepared([self.prepare(study, keep_sources=explain)],
                                      explain=explain, alpha=alpha, cam_method=cam_method)[0]

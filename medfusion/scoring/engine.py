@@ -47,7 +47,7 @@ from rich.progress import (
 
 from medfusion import __version__
 from medfusion.errors import ClinicalSchemaError, MedfusionError, OutputError
-from medfusion.explain.api import CAM_METHODS
+from medfusion.explain.api import CAM_METHODS, DEFAULT_CAM_METHOD
 from medfusion.explain.dicom import ModelIdentity, write_dicom_results
 from medfusion.explain.export import write_explanation
 from medfusion.inference.table import prediction_row
@@ -57,7 +57,13 @@ from medfusion.scoring import outputs as O
 from medfusion.scoring.discovery import Discovery, StudyRef, discover_studies
 from medfusion.scoring.pool import InlinePreparer, LocalPool, ScorerFactory
 from medfusion.scoring.ray_engine import RayPreparer
-from medfusion.scoring.scorer import Scorer, failure, load_fusion_scorer, quiet_libraries
+from medfusion.scoring.scorer import (
+    Scorer,
+    failure,
+    load_fusion_scorer,
+    quiet_libraries,
+    worker_factory,
+)
 from medfusion.seeding import seed_everything, study_seed
 from medfusion.stages import STAGES, collect
 from medfusion.types import Prediction
@@ -114,7 +120,7 @@ class RunOptions:
     allow_missing_clinical: bool = False
     dicom: bool = False
     dicom_deidentified: bool = False
-    cam_method: str = "gradcam"
+    cam_method: str = DEFAULT_CAM_METHOD
 
 
 # --------------------------------------------------------------------------------------
@@ -381,12 +387,14 @@ def _make_preparer(opts: RunOptions, scorer: Scorer, factory: ScorerFactory) -> 
                                                opts.ray_address)
     time_budget_s, memory_budget_mb = opts.time_budget_s, opts.memory_budget_mb
     if engine == "ray":
-        return RayPreparer(max(1, workers), model_dir, factory=factory, ray_address=ray_address,
+        return RayPreparer(max(1, workers), model_dir, factory=worker_factory(factory),
+                           ray_address=ray_address,
                            time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb)
     if workers == 0:
         return InlinePreparer(scorer, time_budget_s=time_budget_s,
                               memory_budget_mb=memory_budget_mb)
-    return LocalPool(workers, model_dir, factory=factory, time_budget_s=time_budget_s,
+    return LocalPool(workers, model_dir, factory=worker_factory(factory),
+                     time_budget_s=time_budget_s,
                      memory_budget_mb=memory_budget_mb)
 
 
@@ -411,7 +419,7 @@ def score_folder(
     allow_missing_clinical: bool = False,
     dicom: bool = False,
     dicom_deidentified: bool = False,
-    cam_method: str = "gradcam",
+    cam_method: str = DEFAULT_CAM_METHOD,
 ) -> RunSummary:
     """Score every study of ``studies_dir`` with the model in ``model_dir`` into ``out_dir``.
 
@@ -457,7 +465,7 @@ def score_folder(
     early = None
     if engine == "local" and workers > 0:
         # Start the workers first: their imports and model loading overlap the parent's.
-        early = LocalPool(workers, model_dir, factory=scorer_factory,
+        early = LocalPool(workers, model_dir, factory=worker_factory(scorer_factory),
                           time_budget_s=time_budget_s, memory_budget_mb=memory_budget_mb)
     # Inference in this process runs on one thread: the bytes then do not depend on the
     # machine or on --workers, and torch's thread pool does not spin against the workers
@@ -515,7 +523,7 @@ def _run(
     }
     if opts.dicom:  # only when asked: journals of runs without it resume unchanged
         header["dicom"] = "deidentified" if opts.dicom_deidentified else "identified"
-    if opts.cam_method != "gradcam":
+    if opts.cam_method != DEFAULT_CAM_METHOD:
         header["cam_method"] = opts.cam_method
     # The engine starts before the journal is opened: a Ray cluster that cannot be reached
     # is a fatal error that leaves OUT empty (a plain re-run needs no --resume).
@@ -722,7 +730,7 @@ def _predict_record(
     try:
         seed_everything(study_seed(seed, ref.study_id))
         with quiet_libraries():
-            cam_method = opts.cam_method if opts is not None else "gradcam"
+            cam_method = opts.cam_method if opts is not None else DEFAULT_CAM_METHOD
             with collect() as seconds:  # the model marks its saliency time as "explain"
                 pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha,
                                       cam_method=cam_method)

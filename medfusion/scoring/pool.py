@@ -17,7 +17,6 @@ which an executor cannot do without breaking the whole pool.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 from medfusion.errors import MedfusionError, ModelPackageError
 from medfusion.scoring.discovery import StudyRef
+from medfusion.scoring.procs import context
 from medfusion.scoring.scorer import Scorer, prepare_task, rss_mb
 
 log = logging.getLogger("medfusion.scoring")
@@ -150,24 +150,6 @@ def worker_main(
             return  # memory is not given back reliably: a fresh process takes over
 
 
-# Imported once by the fork server, so every worker starts with them loaded.
-_PRELOAD = ["torch", "monai.networks", "medfusion.scoring.pool", "medfusion.inference",
-            "medfusion.io.study", "medfusion.io.volume", "medfusion.preprocess"]
-
-
-def _context(start_method: str | None) -> Any:
-    """``forkserver`` where available (Linux, macOS): workers fork from a clean server that
-    already imported torch and the loaders, so starting or replacing a worker takes
-    milliseconds instead of seconds; ``spawn`` elsewhere. Never plain ``fork`` of the parent
-    (its torch threads and open files would be copied into the worker)."""
-    if start_method is None:
-        start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(start_method)
-    if start_method == "forkserver":
-        ctx.set_forkserver_preload(_PRELOAD)
-    return ctx
-
-
 @dataclass
 class _Worker:
     process: Any
@@ -197,7 +179,7 @@ class LocalPool:
         self.time_budget_s = time_budget_s
         self.memory_budget_mb = memory_budget_mb
         self.quiet = quiet
-        self.ctx = _context(start_method)
+        self.ctx = context(start_method)
         self.workers: list[_Worker] = []
         self.recycled = 0
         self._init_failures = 0

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from medfusion.errors import (
@@ -33,6 +33,7 @@ from medfusion.errors import (
     ModelPackageError,
     NoImagesError,
 )
+from medfusion.explain.api import DEFAULT_CAM_METHOD
 from medfusion.explain.dicom import card_digest
 from medfusion.inference import FusionModel, PreparedInputs
 from medfusion.io.study import load_study
@@ -54,7 +55,7 @@ class Scorer(Protocol):
         source volumes travel too (saliency is mapped back onto them)."""
 
     def predict(self, prepared: Any, *, explain: bool, alpha: float,
-                cam_method: str = "gradcam") -> Prediction:
+                cam_method: str = DEFAULT_CAM_METHOD) -> Prediction:
         """Prepared inputs -> Prediction (runs in the parent); ``cam_method`` is the
         saliency method with ``explain`` (``gradcam`` or ``gradcam++``)."""
 
@@ -73,10 +74,12 @@ class FusionModelScorer:
         self.modalities = tuple(model.modalities)
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike[str]) -> FusionModelScorer:
-        """Load the package; any problem is a :class:`ModelPackageError` (fatal, exit 1)."""
+    def load(cls, model_dir: str | os.PathLike[str], *,
+             networks: bool = True) -> FusionModelScorer:
+        """Load the package; any problem is a :class:`ModelPackageError` (fatal, exit 1).
+        ``networks=False``: a scorer that only prepares (what workers run)."""
         try:
-            model = FusionModel.load(model_dir)
+            model = FusionModel.load(model_dir, networks=networks)
         except MedfusionError:
             raise
         except Exception as error:  # unexpected reader failure: still a clean refusal
@@ -94,7 +97,7 @@ class FusionModelScorer:
         return prepared if explain else prepared.tensors_only()
 
     def predict(self, prepared: PreparedInputs, *, explain: bool, alpha: float,
-                cam_method: str = "gradcam") -> Prediction:
+                cam_method: str = DEFAULT_CAM_METHOD) -> Prediction:
         # One study per call: batching would make the floats depend on which studies
         # happened to be ready together, and rows must not depend on the worker count.
         return self.model.predict_prepared([prepared], explain=explain, alpha=alpha,
@@ -131,6 +134,18 @@ class FusionModelScorer:
 def load_fusion_scorer(model_dir: str) -> Scorer:
     """Default scorer factory (a top-level function so spawned workers can import it)."""
     return FusionModelScorer.load(model_dir)
+
+
+def load_fusion_preparer(model_dir: str) -> Scorer:
+    """The default factory's worker half: the same package, checked the same way, without
+    its networks (workers only ``prepare``; building an encoder costs seconds of imports)."""
+    return FusionModelScorer.load(model_dir, networks=False)
+
+
+def worker_factory(factory: Callable[[str], Scorer]) -> Callable[[str], Scorer]:
+    """What workers build: :func:`load_fusion_preparer` for the default factory, otherwise
+    ``factory`` itself (a custom scorer decides what its ``prepare`` needs)."""
+    return load_fusion_preparer if factory is load_fusion_scorer else factory
 
 
 # --------------------------------------------------------------------------------------
