@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from medfusion.errors import MedfusionError
+from medfusion.io.dicom.parallel import ENV as DECODE_ENV
 from medfusion.scoring.pool import ScorerFactory, Task, _silence_process, budget_failure
 from medfusion.scoring.scorer import failure, prepare_task
 
@@ -44,6 +45,8 @@ def _ray_prepare(
             torch.set_num_threads(1)
         except ImportError:  # pragma: no cover
             pass
+        # One core per task, as Ray counts it: no decoding processes of its own.
+        os.environ[DECODE_ENV] = "1"
     warnings.simplefilter("ignore")
     ref, clinical, explain = task
     scorer = _SCORERS.get(model_dir)

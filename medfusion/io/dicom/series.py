@@ -16,6 +16,7 @@ from medfusion.errors import (
 from medfusion.io.dicom.headers import SeriesInfo, _FileHeader, _float, _floats, _int, _json_value
 from medfusion.io.dicom.meta import _meta
 from medfusion.io.dicom.mosaic import _is_mosaic, _load_mosaic
+from medfusion.io.dicom.parallel import decode_parallel
 from medfusion.io.dicom.pixels import _check_pixel_module, _max_stored, _read_stored
 from medfusion.io.dicom.stack import _assemble_stack, _Slice
 from medfusion.io.limits import check_declared_size
@@ -93,11 +94,18 @@ def _load_stack(
 
     def read_plane(indices: list[int], out: np.ndarray) -> list[bool]:
         compressed_zero.clear()
+        # Compressed files decoded across processes when this process has idle cores.
+        files = sorted({slices[i].file_index for i in indices})
+        decoded = decode_parallel([headers[f] for f in files], what, strict=strict)
+        ready = dict(zip(files, decoded, strict=True)) if decoded is not None else {}
         for n, i in enumerate(indices):
             s = slices[i]
             h = headers[s.file_index]
-            stored, compressed = _read_stored(h, f"{what}, file #{s.file_index + 1}",
-                                              strict=strict)
+            if s.file_index in ready:
+                stored, compressed = ready[s.file_index]
+            else:
+                stored, compressed = _read_stored(h, f"{what}, file #{s.file_index + 1}",
+                                                  strict=strict)
             plane = stored[s.frame]
             if plane.shape != (s.rows, s.cols):
                 raise CorruptFileError(f"{what}: a decoded slice has the wrong size.")
