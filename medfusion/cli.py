@@ -7,6 +7,7 @@ its own lives here; errors with a stable code are shown as one clean line (exit 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -327,6 +328,9 @@ def report(
 def main(argv: Optional[list[str]] = None) -> None:  # noqa: UP045 - typer needs Optional
     """The ``medfusion`` command. An unexpected error of any command is one line naming only
     its type: its text or a traceback could quote a path, a manifest row or a study id."""
+    # Compressed DICOM series are decoded across the idle cores (medfusion.io.dicom.parallel;
+    # a library caller opts in, this command's __main__ is safe to re-import).
+    os.environ.setdefault("MEDFUSION_DECODE_PROCESSES", "auto")
     try:
         app(args=argv)
     except Exception as error:  # noqa: BLE001 - see the docstring

@@ -62,11 +62,14 @@ def test_a_corrupt_frame_gives_the_serial_error(tmp_path: Path,
 
 
 def test_who_decodes_in_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(parallel.ENV, raising=False)
+    assert parallel.decode_processes() == 1  # library default: opt in
     monkeypatch.setenv(parallel.ENV, "1")
     assert parallel.decode_processes() == 1
     monkeypatch.setenv(parallel.ENV, "3")
     assert parallel.decode_processes() == 3
-    monkeypatch.delenv(parallel.ENV)
+    monkeypatch.setenv(parallel.ENV, "auto")
+    assert 1 <= parallel.decode_processes() <= 8
     monkeypatch.setattr(mp.current_process(), "daemon", True, raising=False)
     assert parallel.decode_processes() == 1  # a scoring worker: the batch uses the cores
     assert RLELossless not in parallel.GIL_BOUND  # fast, and releases the GIL

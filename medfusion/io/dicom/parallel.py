@@ -3,9 +3,10 @@
 pydicom's JPEG 2000 (openjpeg) and JPEG-LS (libjpeg) plugins hold the GIL while they decode
 (measured: a Python thread gets 17-25% of its free rate beside them), so threads cannot
 spread one series over the cores; processes can. A series qualifies when its files are
-compressed, there are at least :data:`MIN_FILES` of them and this process may use more than
-one core. Inside a daemon process (a ``medfusion score`` worker: the batch already keeps the
-cores busy) or with ``MEDFUSION_DECODE_PROCESSES=1`` decoding stays serial.
+compressed, there are at least :data:`MIN_FILES` of them and :func:`decode_processes` allows
+more than one process: the ``medfusion`` command does (``MEDFUSION_DECODE_PROCESSES=auto``),
+library callers opt in with that variable. Inside a daemon process (a ``medfusion score``
+worker: the batch already keeps the cores busy) decoding stays serial.
 
 The decoders stay pydicom's (the same ``_read_stored`` runs in each process). Any failure
 in the pool returns None and the caller decodes serially, which raises the exact typed
@@ -39,20 +40,26 @@ _pool_size = 0
 
 
 def decode_processes() -> int:
-    """How many processes may decode one series here (1 = serial)."""
-    value = os.environ.get(ENV, "").strip()
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            return 1
-    if mp.current_process().daemon:
+    """How many processes may decode one series here (1 = serial).
+
+    ``MEDFUSION_DECODE_PROCESSES``: unset or ``1`` serial (the library default: a pool's
+    processes import the caller's ``__main__`` module, which runs a script's top-level code
+    again unless it is guarded by ``if __name__ == "__main__"``), ``auto`` one per core this
+    process may use (at most 8; the ``medfusion`` command sets it), or a number. Always
+    serial inside a daemon process (a ``medfusion score`` worker)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value or mp.current_process().daemon:
         return 1
+    if value == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 8))
     try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+        return max(1, int(value))
+    except ValueError:
+        return 1
 
 
 def _executor(n: int) -> ProcessPoolExecutor:
