@@ -189,7 +189,7 @@ class Explanation:
     modality_weights: Mapping[str, float] | None = None
     shapley: Mapping[str, float] | None = None
     clinical_attributions: Mapping[str, float] | None = None
-    method: str = "gradcam"
+    method: str = "occlusion"
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,11 @@ located in world millimetres. A *hit*: the peak voxel centre lies within the les
 plus half a source-voxel diagonal (0.5 x |(1, 1, 2.5)| = 1.35 mm; the map is sampled at
 voxel centres), the same rule as the test suite. The same rule around the decoy counts
 *decoy* peaks. Printed side by side: ``explain_prediction`` (what ``predict --explain``
-writes) and Grad-CAM / Grad-CAM++ at each candidate encoder layer.
+writes) and Grad-CAM / Grad-CAM++ at each candidate encoder layer, each with the model
+randomisation check (Adebayo et al. 2018): the mean Spearman correlation, over the first
+``SANITY_STUDIES`` positives, between the map and the map of the same network with its
+weights re-initialised. A map that explains the model changes when the model does (a low
+correlation); one that stays the same explains the input only.
 
     .venv/bin/python pipelines/bench_saliency.py --figure saliency.png
     .venv/bin/python pipelines/bench_saliency.py --train 120 --val 40 --test 60 --epochs 8 \\
@@ -40,6 +44,7 @@ SPACING = (1.0, 1.0, 2.5)
 DECOY_MM = 6.0
 #: "on the lesion": within the sphere plus half a source-voxel diagonal
 TOL_MM = 0.5 * float(np.linalg.norm(SPACING))
+SANITY_STUDIES = 10
 
 
 def write_cohort(root: Path, sizes: dict[str, int], seed: int) -> dict[str, object]:
@@ -126,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", type=Path, required=True, help="PNG to write")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a package trained by an earlier run of this script with the same "
+                             "--seed and sizes (the cohort is rebuilt identically): skip training")
     args = parser.parse_args(argv)
 
     from medfusion.explain import explain_prediction, role_cam, target_layer
+    from medfusion.explain.api import DEFAULT_CAM_METHOD
     from medfusion.explain.benchmark import peak_world
     from medfusion.explain.export import saliency_to_source
     from medfusion.explain.gradcam import candidate_layers
+    from medfusion.explain.occlusion import role_occlusion
+    from medfusion.explain.sanity import randomize_weights, rank_correlation
     from medfusion.inference.model import FusionModel
     from medfusion.training.dataset import load_input_volume
     from medfusion.training.trainer import train
@@ -143,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     truth = write_cohort(work, {"train": args.train, "val": args.val, "test": args.test},
                          args.seed)
     recipe = {"labels": list(LABELS), "modalities": {"ct": {}}, "epochs": args.epochs}
-    model_dir = train(recipe, work / "manifest.csv", work / "model", seed=args.seed,
-                      progress=False, overwrite=True)
+    model_dir = args.model or train(recipe, work / "manifest.csv", work / "model",
+                                    seed=args.seed, progress=False, overwrite=True)
     model = FusionModel.load(model_dir)
     net = model.net
     trained_s = time.monotonic() - started
@@ -158,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
           f"hit tolerance {TOL_MM:.2f} mm beyond the lesion radius")
 
     layers = candidate_layers(net, "ct")
-    methods = [("explain_prediction (default)", None, None)] + [
+    methods = [(f"explain_prediction (default: {DEFAULT_CAM_METHOD})", None, None)] + [
         (f"{m} @ {lay}", m, lay) for lay in layers for m in ("gradcam", "gradcampp")]
     counts = {name: [0, 0, 0.0] for name, _, _ in methods}
+    sanity: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+    random_net = randomize_weights(net, seed=args.seed + 1)
     panels = []
     positives = [sid for sid in sorted(truth) if sid.startswith("test-")
                  and truth[sid].label == 1]
@@ -173,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, method, layer in methods:
             if method is None:
                 sal = explain_prediction(model, prepared, target=1, clinical=False).saliency["ct"]
+            elif method == "occlusion":
+                cam = role_occlusion(net, "ct", images, None, present, 1)[0]
+                sal = saliency_to_source(cam, prepared.prepared["ct"], prepared.sources["ct"])
             else:
                 cam = role_cam(net, "ct", images, None, present, 1, method, layer=layer)[0]
                 sal = saliency_to_source(cam, prepared.prepared["ct"], prepared.sources["ct"])
@@ -183,16 +199,25 @@ def main(argv: list[str] | None = None) -> int:
             counts[name][2] += dist
             if method is None and len(panels) < 6:
                 panels.append((study, sal, hit, peak))
+            if len(sanity[name]) < SANITY_STUDIES:
+                cam_method = method or DEFAULT_CAM_METHOD
+                if cam_method == "occlusion":
+                    maps = [role_occlusion(n_, "ct", images, None, present, 1)[0]
+                            for n_ in (net, random_net)]
+                else:
+                    maps = [role_cam(n_, "ct", images, None, present, 1, cam_method,
+                                     layer=layer or auto)[0] for n_ in (net, random_net)]
+                sanity[name].append(rank_correlation(*maps))
     n = len(positives)
     print(f"\n{n} positive test studies; peak on the lesion / on the decoy / mean distance "
           "from the peak to the lesion surface")
-    print(f"{'map':44s} {'lesion':>12s} {'decoy':>12s} {'mean mm':>8s}")
+    print(f"{'map':44s} {'lesion':>12s} {'decoy':>12s} {'mean mm':>8s} {'rand. rho':>9s}")
     for name, (hit, decoy, dist) in counts.items():
         print(f"{name:44s} {hit:4d} ({100 * hit / n:3.0f}%) {decoy:4d} ({100 * decoy / n:3.0f}%)"
-              f" {dist / n:8.2f}")
+              f" {dist / n:8.2f} {np.mean(sanity[name]):9.3f}")
     hit = counts[methods[0][0]][0]
     figure(args.figure, panels,
-           f"explain_prediction default (gradcam @ {auto}): peak on the lesion {hit}/{n}; "
+           f"explain_prediction default ({DEFAULT_CAM_METHOD}): peak on the lesion {hit}/{n}; "
            "lesion solid green, decoy dashed white (x: decoy centre off this slice), "
            "peak red +")
     print(f"\nfigure: {args.figure}  ({time.monotonic() - started:.0f} s in all)")

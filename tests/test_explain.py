@@ -29,6 +29,7 @@ from medfusion.explain.benchmark import (
     study_inputs,
     train_lesion_model,
 )
+from medfusion.explain.occlusion import mask_voxels, role_occlusion
 from medfusion.types import Explanation, Volume
 
 GRID = (24, 24, 24)
@@ -47,7 +48,7 @@ def _prob(net, images, clinical, present) -> float:
         return float(torch.softmax(net(images, clinical, present).logits, 1)[0, 1])
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "occlusion"])
 def test_saliency_peak_on_the_lesion_in_world_coordinates(trained, method: str) -> None:
     net, test = trained
     distances = saliency_hits(net, test, method=method)
@@ -66,6 +67,18 @@ def test_model_parameter_randomization_changes_the_map(trained) -> None:
         images, clinical, present = study_inputs(s)
         correlations.append(randomization_check(
             lambda n, i=images, c=clinical, p=present: role_cam(n, "ct", i, c, p, 1)[0], net))
+    assert np.mean(correlations) < 0.5, correlations
+
+
+def test_occlusion_changes_when_the_model_does(trained) -> None:
+    """Model randomisation (Adebayo et al.): occlusion explains the model, not the input."""
+    net, test = trained
+    correlations = []
+    for s in [s for s in test if s.label == 1][:3]:
+        images, clinical, present = study_inputs(s)
+        correlations.append(randomization_check(
+            lambda n, i=images, c=clinical, p=present: role_occlusion(n, "ct", i, c, p, 1)[0],
+            net))
     assert np.mean(correlations) < 0.5, correlations
 
 
@@ -118,6 +131,44 @@ def test_hooks_are_removed_and_bad_requests_refused(trained) -> None:
         role_cam(net, "ct", images, clinical, present, 1, method="lime")
     with pytest.raises(ExplanationError):
         role_cam(net, "ct", images, clinical, torch.tensor([[False, True]]), 1)
+
+
+def test_occlusion_credits_exactly_the_region_the_output_reads() -> None:
+    """MONAI's occlusion under this torch: a network whose class-1 logit reads only one
+    box of the input gets its map's peak inside that box and nothing far from it."""
+    from monai.visualize import OcclusionSensitivity
+
+    class ReadsOneBox(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            evidence = x[:, 0, 10:14, 4:8, 16:20].mean(dim=(1, 2, 3))
+            return torch.stack([torch.zeros_like(evidence), 4.0 * evidence], dim=1)
+
+    x = torch.zeros(1, 1, 24, 24, 24)
+    x[0, 0, 10:14, 4:8, 16:20] = 1.0
+    occ = OcclusionSensitivity(ReadsOneBox(), mask_size=4, n_batch=64, verbose=False,
+                               mode="mean_img", overlap=0.5)
+    with torch.no_grad():
+        full = torch.softmax(ReadsOneBox()(x), 1)[0, 1]
+        occluded, _ = occ(x)
+    drop = (full - occluded[0, 1]).numpy()
+    peak = np.unravel_index(int(np.argmax(drop)), drop.shape)
+    assert 9 <= peak[0] <= 14 and 3 <= peak[1] <= 8 and 15 <= peak[2] <= 20, peak
+    assert abs(drop[0:4, 16:24, 0:8]).max() < 1e-6  # far from the box: no credit
+
+
+def test_occlusion_box_and_refusals(trained) -> None:
+    assert mask_voxels((32, 32, 32)) == (6, 6, 6)
+    assert mask_voxels((256, 256, 1)) == (51, 51, 1)  # a radiograph: never along depth
+    net, test = trained
+    images, clinical, present = study_inputs(test[1])
+    flags = [m.training for m in net.modules()]
+    cam = role_occlusion(net, "ct", images, clinical, present, 1)
+    assert cam.shape == (1, *GRID) and 0.0 <= cam.min() and cam.max() <= 1.0
+    assert [m.training for m in net.modules()] == flags
+    with pytest.raises(ExplanationError):
+        role_occlusion(net, "mr", images, clinical, present, 1)
+    with pytest.raises(ExplanationError):
+        role_occlusion(net, "ct", images, clinical, present, 5)
 
 
 def test_shapley_is_exact_and_efficient(trained) -> None:

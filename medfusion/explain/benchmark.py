@@ -20,6 +20,7 @@ import torch
 from medfusion.errors import ExplanationError
 from medfusion.explain.export import saliency_to_source
 from medfusion.explain.gradcam import role_cam
+from medfusion.explain.occlusion import role_occlusion
 from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig
 from medfusion.preprocess import RoleSpec, prepare_volume, to_tensor_input
 from medfusion.types import Volume
@@ -182,7 +183,9 @@ def saliency_hits(
         if s.lesion_world is None:
             continue
         images, clinical, present = study_inputs(s)
-        cam = role_cam(net, "ct", images, clinical, present, target=1, method=method)[0]
+        cam = (role_occlusion(net, "ct", images, clinical, present, target=1)[0]
+               if method == "occlusion"
+               else role_cam(net, "ct", images, clinical, present, target=1, method=method)[0])
         mapped = saliency_to_source(cam, s.prepared, s.source)
         dist = float(np.linalg.norm(peak_world(mapped) - np.asarray(s.lesion_world)))
         out.append(max(0.0, dist - s.radius_mm - tolerance_mm))

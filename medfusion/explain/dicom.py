@@ -428,7 +428,7 @@ def write_dicom_results(
         return DicomResults(skipped={"study": NO_DICOM_SOURCE, **skipped})
     ident = _Identity(study_key, deidentify)
     out_dir = Path(directory)
-    method = explanation.method if explanation is not None else "gradcam"
+    method = explanation.method if explanation is not None else "none"
     # highdicom warns with the offending value (a patient name, say): never shown
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -61,7 +61,8 @@ _LAYER_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = (
 )
 
 
-def _role_config(net: nn.Module, role: str):  # noqa: ANN202 - a RoleNetConfig
+def role_config(net: nn.Module, role: str):  # noqa: ANN201 - a RoleNetConfig
+    """The RoleNetConfig of ``role`` in ``net`` (ExplanationError naming the roles if none)."""
     roles = getattr(getattr(net, "config", None), "roles", None)
     if not isinstance(roles, Mapping) or role not in roles:
         known = sorted(roles) if isinstance(roles, Mapping) else []
@@ -84,7 +85,7 @@ def _candidates(encoder: nn.Module, encoder_name: str) -> list[str]:
 def candidate_layers(net: nn.Module, role: str) -> list[str]:
     """The layers (names inside ``net.encoders[role]``) :func:`target_layer` chooses from,
     deepest first."""
-    rc = _role_config(net, role)
+    rc = role_config(net, role)
     return _candidates(net.encoders[role], rc.encoder)
 
 
@@ -93,7 +94,7 @@ def target_layer(net: nn.Module, role: str) -> str:
 
     Decided once per encoder and grid by a dry forward pass of zeros (cached).
     """
-    rc = _role_config(net, role)
+    rc = role_config(net, role)
     encoder = net.encoders[role]
     key = (tuple(rc.grid), int(rc.spatial_dims), str(rc.encoder))
     cached = _LAYER_CACHE.get(encoder, {}).get(key)
@@ -153,7 +154,7 @@ class RoleForward(nn.Module):
         super().__init__()
         self.net = net
         self.role = role
-        self.two_d = int(_role_config(net, role).spatial_dims) == 2
+        self.two_d = int(role_config(net, role).spatial_dims) == 2
         self._present = torch.as_tensor(present).to(torch.bool)
         self._index = list(net.modalities).index(role)
         self._only_role = torch.zeros_like(self._present)
@@ -175,10 +176,16 @@ class RoleForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(-1) if self.two_d else x
         k = x.shape[0]
-        emb_role = self.net.encode({self.role: x}, None, self._only_role[:k])[:, self._index]
-        emb = self._fixed[:k].clone()
+        fixed, present, only_role = self._fixed, self._present, self._only_role
+        if fixed.shape[0] == 1 and k > 1:
+            # One study's context, broadcast over a batch of variants of its role input
+            # (occlusion sensitivity feeds many occluded copies at once).
+            fixed = fixed.expand(k, -1, -1)
+            present, only_role = present.expand(k, -1), only_role.expand(k, -1)
+        emb_role = self.net.encode({self.role: x}, None, only_role[:k])[:, self._index]
+        emb = fixed[:k].clone()
         emb[:, self._index] = emb_role
-        return self.net.head(emb, self._present[:k]).logits
+        return self.net.head(emb, present[:k]).logits
 
 
 def _normalize01(cam: torch.Tensor) -> np.ndarray:
@@ -230,7 +237,7 @@ def role_cam(
 
     if method not in METHODS:
         raise ExplanationError(f"unknown saliency method {method!r}; use one of {METHODS}.")
-    rc = _role_config(net, role)
+    rc = role_config(net, role)
     modalities = list(getattr(net, "modalities", []))
     x = images.get(role)
     if x is None or not bool(torch.as_tensor(present)[:, modalities.index(role)].all()):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medfusion.atomic import atomic_open
 from medfusion.errors import ClinicalSchemaError, MedfusionError, OutputError
+from medfusion.explain.api import DEFAULT_CAM_METHOD
 from medfusion.explain.dicom import ModelIdentity, write_dicom_results
 from medfusion.explain.export import write_explanation
 from medfusion.inference.model import FusionModel
@@ -33,7 +34,7 @@ def predict_columns(model: FusionModel, *, explain: bool) -> list[str]:
 def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str | Path, *,
                      explain: bool = False, saliency_dir: str | Path | None = None,
                      alpha: float = 0.1, allow_missing_clinical: bool = False,
-                     cam_method: str = "gradcam", dicom_dir: str | Path | None = None,
+                     cam_method: str = DEFAULT_CAM_METHOD, dicom_dir: str | Path | None = None,
                      dicom_deidentified: bool = False) -> Path:
     """Score every row of ``manifest`` with the model in ``model_dir`` into ``out_csv``.
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from medfusion.errors import MedfusionError, ModalityMismatchError, ModelPackageError
-from medfusion.explain.api import explain_prediction
+from medfusion.explain.api import DEFAULT_CAM_METHOD, explain_prediction
 from medfusion.inference.prepared import PreparedInputs, stack_prepared
 from medfusion.inference.trust import trust_outputs
 from medfusion.io.clinical import SCHEMA_KEYS, validate_record
@@ -264,9 +264,11 @@ class FusionModel:
 
     # -- prediction --------------------------------------------------------------------------
     def predict_prepared(self, batch: Sequence[PreparedInputs], *, explain: bool = False,
-                         alpha: float = 0.1, cam_method: str = "gradcam") -> list[Prediction]:
+                         alpha: float = 0.1, cam_method: str = DEFAULT_CAM_METHOD
+                         ) -> list[Prediction]:
         """Predictions for prepared studies (same order). ``alpha``: conformal error rate;
-        ``cam_method``: ``gradcam`` or ``gradcam++`` saliency (with ``explain``)."""
+        ``cam_method``: ``occlusion``, ``gradcam`` or ``gradcam++`` saliency (with
+        ``explain``)."""
         if not self.nets:
             raise ModelPackageError("this model was loaded with networks=False: it prepares "
                                     "studies but cannot predict; load it with networks=True")
@@ -346,12 +348,12 @@ class FusionModel:
         return {"entropy": [float(x) for x in entropy], "mutual_info": mi, "prob_std": std}
 
     def _explain(self, prepared: PreparedInputs, target: int,
-                 method: str = "gradcam") -> Explanation:
+                 method: str = DEFAULT_CAM_METHOD) -> Explanation:
         with timed("explain"):
             return explain_prediction(self, prepared, target=target, method=method)
 
     def predict(self, study: Study, *, explain: bool = False, alpha: float = 0.1,
-                cam_method: str = "gradcam") -> Prediction:
+                cam_method: str = DEFAULT_CAM_METHOD) -> Prediction:
         """Prepare and predict one study."""
         return self.predict_prepared([self.prepare(study, keep_sources=explain)],
                                      explain=explain, alpha=alpha, cam_method=cam_method)[0]

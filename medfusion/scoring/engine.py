@@ -47,7 +47,7 @@ from rich.progress import (
 
 from medfusion import __version__
 from medfusion.errors import ClinicalSchemaError, MedfusionError, OutputError
-from medfusion.explain.api import CAM_METHODS
+from medfusion.explain.api import CAM_METHODS, DEFAULT_CAM_METHOD
 from medfusion.explain.dicom import ModelIdentity, write_dicom_results
 from medfusion.explain.export import write_explanation
 from medfusion.inference.table import prediction_row
@@ -120,7 +120,7 @@ class RunOptions:
     allow_missing_clinical: bool = False
     dicom: bool = False
     dicom_deidentified: bool = False
-    cam_method: str = "gradcam"
+    cam_method: str = DEFAULT_CAM_METHOD
 
 
 # --------------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ def score_folder(
     allow_missing_clinical: bool = False,
     dicom: bool = False,
     dicom_deidentified: bool = False,
-    cam_method: str = "gradcam",
+    cam_method: str = DEFAULT_CAM_METHOD,
 ) -> RunSummary:
     """Score every study of ``studies_dir`` with the model in ``model_dir`` into ``out_dir``.
 
@@ -523,7 +523,7 @@ def _run(
     }
     if opts.dicom:  # only when asked: journals of runs without it resume unchanged
         header["dicom"] = "deidentified" if opts.dicom_deidentified else "identified"
-    if opts.cam_method != "gradcam":
+    if opts.cam_method != DEFAULT_CAM_METHOD:
         header["cam_method"] = opts.cam_method
     # The engine starts before the journal is opened: a Ray cluster that cannot be reached
     # is a fatal error that leaves OUT empty (a plain re-run needs no --resume).
@@ -730,7 +730,7 @@ def _predict_record(
     try:
         seed_everything(study_seed(seed, ref.study_id))
         with quiet_libraries():
-            cam_method = opts.cam_method if opts is not None else "gradcam"
+            cam_method = opts.cam_method if opts is not None else DEFAULT_CAM_METHOD
             with collect() as seconds:  # the model marks its saliency time as "explain"
                 pred = scorer.predict(record["prepared"], explain=explain, alpha=alpha,
                                       cam_method=cam_method)

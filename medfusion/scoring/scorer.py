@@ -33,6 +33,7 @@ from medfusion.errors import (
     ModelPackageError,
     NoImagesError,
 )
+from medfusion.explain.api import DEFAULT_CAM_METHOD
 from medfusion.explain.dicom import card_digest
 from medfusion.inference import FusionModel, PreparedInputs
 from medfusion.io.study import load_study
@@ -54,7 +55,7 @@ class Scorer(Protocol):
         source volumes travel too (saliency is mapped back onto them)."""
 
     def predict(self, prepared: Any, *, explain: bool, alpha: float,
-                cam_method: str = "gradcam") -> Prediction:
+                cam_method: str = DEFAULT_CAM_METHOD) -> Prediction:
         """Prepared inputs -> Prediction (runs in the parent); ``cam_method`` is the
         saliency method with ``explain`` (``gradcam`` or ``gradcam++``)."""
 
@@ -96,7 +97,7 @@ class FusionModelScorer:
         return prepared if explain else prepared.tensors_only()
 
     def predict(self, prepared: PreparedInputs, *, explain: bool, alpha: float,
-                cam_method: str = "gradcam") -> Prediction:
+                cam_method: str = DEFAULT_CAM_METHOD) -> Prediction:
         # One study per call: batching would make the floats depend on which studies
         # happened to be ready together, and rows must not depend on the worker count.
         return self.model.predict_prepared([prepared], explain=explain, alpha=alpha,
