@@ -217,6 +217,21 @@ def _temporary_hooks(module: nn.Module) -> Iterator[None]:
             module.inplace = inplace
 
 
+def checked_request(net: nn.Module, role: str, images: Mapping[str, torch.Tensor | None],
+                    present: torch.Tensor, target: int):  # noqa: ANN201 - (RoleNetConfig, x)
+    """The role's config and input tensor for a saliency request, refusing (ExplanationError)
+    an unknown role, a role absent from any study of the batch and a target out of range."""
+    rc = role_config(net, role)
+    modalities = list(getattr(net, "modalities", []))
+    x = images.get(role)
+    if x is None or not bool(torch.as_tensor(present)[:, modalities.index(role)].all()):
+        raise ExplanationError(f"role {role!r} is absent from the study; nothing to explain.")
+    n_classes = int(net.config.n_classes)
+    if not 0 <= int(target) < n_classes:
+        raise ExplanationError(f"target class {target} is outside 0..{n_classes - 1}.")
+    return rc, x
+
+
 def role_cam(
     net: nn.Module,
     role: str,
@@ -237,14 +252,7 @@ def role_cam(
 
     if method not in METHODS:
         raise ExplanationError(f"unknown saliency method {method!r}; use one of {METHODS}.")
-    rc = role_config(net, role)
-    modalities = list(getattr(net, "modalities", []))
-    x = images.get(role)
-    if x is None or not bool(torch.as_tensor(present)[:, modalities.index(role)].all()):
-        raise ExplanationError(f"role {role!r} is absent from the study; nothing to explain.")
-    n_classes = int(net.config.n_classes)
-    if not 0 <= int(target) < n_classes:
-        raise ExplanationError(f"target class {target} is outside 0..{n_classes - 1}.")
+    rc, x = checked_request(net, role, images, present, target)
     layer = layer or target_layer(net, role)
     encoder_layer = dict(net.encoders[role].named_modules()).get(layer)
     if encoder_layer is None:

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfusion.errors import ExplanationError
-from medfusion.explain.gradcam import RoleForward, role_config
+from medfusion.explain.gradcam import RoleForward, checked_request
 
 #: box edge as a fraction of the smallest non-unit grid axis (32 -> 6 voxels)
 MASK_FRACTION = 0.2
@@ -62,14 +61,7 @@ def role_occlusion(
     :func:`~medfusion.explain.gradcam.role_cam`."""
     from monai.visualize import OcclusionSensitivity
 
-    rc = role_config(net, role)
-    modalities = list(net.modalities)
-    x = images.get(role)
-    if x is None or not bool(torch.as_tensor(present)[:, modalities.index(role)].all()):
-        raise ExplanationError(f"role {role!r} is absent from the study; nothing to explain.")
-    n_classes = int(net.config.n_classes)
-    if not 0 <= int(target) < n_classes:
-        raise ExplanationError(f"target class {target} is outside 0..{n_classes - 1}.")
+    rc, x = checked_request(net, role, images, present, target)
     mask = mask_voxels(tuple(rc.grid))
     two_d = int(rc.spatial_dims) == 2
     was_training = net.training
