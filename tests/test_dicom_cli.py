@@ -128,7 +128,8 @@ def test_identity_only_in_the_dicom_folder_and_nifti_study_gets_none(scored: Pat
 
 def test_deidentified_run_carries_the_study_key(studies: Path, tmp_path: Path):
     out = tmp_path / "out"
-    _score(studies, "--model", MODEL, "--out", out, "--explain", "--dicom-deidentified")
+    _score(studies, "--model", MODEL, "--out", out, "--explain", "--dicom-deidentified",
+           "--cam-method", "gradcam")
     run = json.loads((out / "run.json").read_text())
     key = next(k for k, v in run["studies"].items() if v["dicom"]["folder"])
     assert run["studies"][key]["dicom"]["deidentified"] is True
@@ -159,7 +160,8 @@ def test_predict_writes_objects_next_to_the_csv(tmp_path: Path):
                              for k, v in r.items()})
     out = tmp_path / "pred" / "predictions.csv"
     result = CliRunner().invoke(app, ["predict", str(MODEL), "--manifest", str(manifest),
-                                      "--out", str(out), "--explain", "--dicom"])
+                                      "--out", str(out), "--explain", "--dicom",
+                                      "--cam-method", "gradcam"])
     assert result.exit_code == 0, result.output[-2000:]
     folder = tmp_path / "pred" / "dicom" / rows[0]["study_id"]
     assert sorted(p.name for p in folder.iterdir()) == ["ct_map.dcm", "sr.dcm",
@@ -181,7 +183,8 @@ def test_real_ct_series_references_its_instances(shared_data: Path, tmp_path: Pa
     study = tmp_path / "studies" / "ge-head"
     shutil.copytree(series, study / "ct")
     out = tmp_path / "out"
-    _score(study.parent, "--model", MODEL, "--out", out, "--explain", "--dicom")
+    _score(study.parent, "--model", MODEL, "--out", out, "--explain", "--dicom",
+           "--cam-method", "gradcam")
     sources = {}
     for path in series.glob("*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)

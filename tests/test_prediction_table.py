@@ -32,12 +32,14 @@ def test_predict_and_score_write_the_same_values(tmp_path: Path) -> None:
     runner = CliRunner()
     scored = runner.invoke(app, ["score", str(SAMPLES / "studies"), "--model", str(MODEL),
                                  "--out", str(tmp_path / "score"), "--clinical",
-                                 str(SAMPLES / "clinical.csv"), "--explain", "--workers", "0",
+                                 str(SAMPLES / "clinical.csv"), "--explain",
+                                 "--cam-method", "gradcam", "--workers", "0",
                                  "--no-progress"])
     assert scored.exit_code == 0, scored.output
     predicted = runner.invoke(app, ["predict", str(MODEL), "--manifest",
                                     str(SAMPLES / "manifest.csv"), "--out",
-                                    str(tmp_path / "pred.csv"), "--explain"])
+                                    str(tmp_path / "pred.csv"), "--explain",
+                                    "--cam-method", "gradcam"])
     assert predicted.exit_code == 0, predicted.output
     score_cols, score_rows = _rows(tmp_path / "score" / "scores.csv")
     pred_cols, pred_rows = _rows(tmp_path / "pred.csv")

@@ -38,7 +38,7 @@ def sample_outputs(model, tmp_path_factory) -> tuple[Study, Explanation, dict[st
     """The sample study scored with explain=True and written as the scoring path does."""
     study = medfusion.load_study(SAMPLE_STUDY)
     assert "xray" in study.volumes and study.volumes["xray"].spatial_shape[2] == 1
-    explanation = model.predict(study, explain=True).explanation
+    explanation = model.predict(study, explain=True, cam_method="gradcam").explanation
     assert explanation is not None
     out = tmp_path_factory.mktemp("saliency")
     written = write_explanation(explanation, out, "st-sample", images=dict(study.volumes))

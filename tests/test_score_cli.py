@@ -71,10 +71,12 @@ def test_sigkill_mid_run_then_resume_scores_only_what_is_missing(
         for sid in sorted(p.name for p in cohort.studies_dir.iterdir()):
             shutil.copytree(cohort.studies_dir / sid, root / f"c{copy}-{sid}")
     reference = tmp_path / "reference"
-    score_folder(root, model_dir, reference, workers=0, explain=True, progress=False)
+    score_folder(root, model_dir, reference, workers=0, explain=True, cam_method="gradcam",
+                 progress=False)
 
     out = tmp_path / "out"
-    cmd = _cli(root, "--model", model_dir, "--out", out, "--workers", "1", "--explain")
+    cmd = _cli(root, "--model", model_dir, "--out", out, "--workers", "1", "--explain",
+               "--cam-method", "gradcam")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     journal = out / "journal.jsonl"

@@ -247,7 +247,8 @@ def test_links_and_header_strings_never_escape_the_roots(cohort, model_dir: Path
     shutil.copytree(outside / "study-002", root / "Doe, Jane (1970)")
 
     out = tmp_path / "batch" / "out"
-    summary = score_folder(root, model_dir, out, workers=0, explain=True, progress=False)
+    summary = score_folder(root, model_dir, out, workers=0, explain=True, cam_method="gradcam",
+                           progress=False)
     assert summary.n_unsafe_links == 2
     rows = {r["study_id"]: r for r in _rows(out / "scores.csv")}
     failures = {r["study_id"]: r for r in _rows(out / "failures.csv")}
@@ -277,7 +278,7 @@ def test_identifiers_in_headers_and_names_never_reach_outputs(
                                study_uid=None)
     out = tmp_path / "out"
     score_folder(root, model_dir, out, clinical_csv=cohort.clinical, workers=0, explain=True,
-                 progress=True)
+                 cam_method="gradcam", progress=True)
     captured = capfd.readouterr()
     assert_no_sentinel(captured.out + captured.err)
     assert_no_sentinel(all_output_text(out))
@@ -297,7 +298,7 @@ def test_study_folder_named_after_the_patient_is_scored_under_its_pseudonym(
     clinical.write_text(lines)
     out = tmp_path / "out"
     summary = score_folder(root, model_dir, out, clinical_csv=clinical, workers=0,
-                           explain=True, progress=False)
+                           explain=True, cam_method="gradcam", progress=False)
     assert summary.exit_code == 0
     rows = {r["study_id"]: r for r in _rows(out / "scores.csv")}
     key = pseudonym(phi_name, prefix="st-")
