@@ -209,3 +209,16 @@ def test_rows_without_split_follow_their_patient() -> None:
     rows += [ManifestRow(i + 4, f"s{i}", i % 2, f"q{i}", None, {}, None) for i in range(20)]
     splits = assign_splits(rows, val_fraction=0.2, test_fraction=0.2, seed=0)
     assert splits[1] == "test"
+
+
+def test_flip_tta_follows_flip_augmentation_unless_set() -> None:
+    """A model trained on flipped volumes is asked all 8 flips by default; one that never
+    saw a flip is not; an explicit ``tta`` wins either way."""
+    base = {"labels": ["a", "b"], "modalities": {"ct": {}}}
+    assert load_recipe(base).tta is True
+    assert load_recipe({**base, "augment": "none"}).tta is False
+    assert load_recipe({**base, "augment": "flip_permute"}).tta is True
+    assert load_recipe({**base, "tta": False}).tta is False
+    assert load_recipe({**base, "augment": "none", "tta": True}).tta is True
+    # the resolved recipe stored in a card reloads to the same choice
+    assert load_recipe(load_recipe(base).to_dict()).tta is True
