@@ -7,10 +7,8 @@ Encoders map ``(B, C, *spatial)`` to ``(B, embed_dim)``. They are thin wrappers 
 ``monai.networks.nets`` / ``monai.networks.blocks``:
 
 ``smallcnn`` (default)
-    A small residual 3D CNN with the layout of MONAI ``Convolution`` / ``ResidualUnit``
-    blocks (about 1 M parameters), built for 2 CPU cores. Written in plain torch with the
-    same module names and operations (same weights, same bytes out): importing MONAI costs
-    seconds of every start-up.
+    A small residual 3D CNN from MONAI ``Convolution`` / ``ResidualUnit`` blocks
+    (about 1 M parameters), built for 2 CPU cores.
 ``resnet10`` / ``resnet18``
     MONAI ``ResNet`` with a stride-2 stem (``conv1_t_stride=2``): the default stride-1 stem
     is about 7x slower on CPU for no measured gain at these grid sizes.
@@ -70,45 +68,8 @@ class _Encoder(nn.Module):
         return self.backbone(x)
 
 
-def _conv(spatial_dims: int) -> type[nn.Module]:
-    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-
-
-class _ConvNormAct(nn.Sequential):
-    """MONAI ``Convolution(..., act="RELU", norm="BATCH")``: ``conv`` then ``adn`` (``N``
-    BatchNorm, ``A`` ReLU), the same module names so the same state dict loads."""
-
-    def __init__(self, spatial_dims: int, c_in: int, c_out: int, strides: int) -> None:
-        super().__init__()
-        self.add_module("conv", _conv(spatial_dims)(c_in, c_out, kernel_size=3, stride=strides,
-                                                    padding=1))
-        norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
-        self.add_module("adn", nn.Sequential())
-        self.adn.add_module("N", norm(c_out))
-        self.adn.add_module("A", nn.ReLU())
-
-
-class _ResidualUnit(nn.Module):
-    """MONAI ``ResidualUnit(..., kernel_size=3, subunits=2, act="RELU", norm="BATCH")`` for
-    ``c_in != c_out``: ``conv`` (``unit0`` with the stride, ``unit1``) plus ``residual``, a
-    3-kernel strided convolution, or a 1-kernel one at stride 1."""
-
-    def __init__(self, spatial_dims: int, c_in: int, c_out: int, strides: int) -> None:
-        super().__init__()
-        self.conv = nn.Sequential()
-        self.conv.add_module("unit0", _ConvNormAct(spatial_dims, c_in, c_out, strides))
-        self.conv.add_module("unit1", _ConvNormAct(spatial_dims, c_out, c_out, 1))
-        kernel = 3 if strides != 1 else 1
-        self.residual = _conv(spatial_dims)(c_in, c_out, kernel_size=kernel, stride=strides,
-                                            padding=(kernel - 1) // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = self.residual(x)
-        return self.conv(x) + res
-
-
 class SmallCNN(nn.Module):
-    """A small residual CNN (MONAI's block layout, in plain torch).
+    """A small residual CNN from MONAI blocks.
 
     A stride-2 stem convolution, then residual units that each halve the grid while doubling
     channels, global average pooling and a linear projection to ``embed_dim``. Stops halving
@@ -124,13 +85,32 @@ class SmallCNN(nn.Module):
         channels: tuple[int, ...] = (16, 32, 64, 128),
     ) -> None:
         super().__init__()
-        if any(a == b for a, b in zip(channels[:-1], channels[1:], strict=True)):
-            raise RecipeError("smallcnn channels must change from one unit to the next")
-        layers: list[nn.Module] = [_ConvNormAct(spatial_dims, in_channels, channels[0], 2)]
+        from monai.networks.blocks import Convolution, ResidualUnit
+
+        layers: list[nn.Module] = [
+            Convolution(
+                spatial_dims,
+                in_channels,
+                channels[0],
+                strides=2,
+                kernel_size=3,
+                act="RELU",
+                norm="BATCH",
+            )
+        ]
         n_units = len(channels) - 1
         for u, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
             layers.append(
-                _ResidualUnit(spatial_dims, c_in, c_out, strides=1 if u == n_units - 1 else 2)
+                ResidualUnit(
+                    spatial_dims,
+                    c_in,
+                    c_out,
+                    strides=1 if u == n_units - 1 else 2,
+                    kernel_size=3,
+                    subunits=2,
+                    act="RELU",
+                    norm="BATCH",
+                )
             )
         self.features = nn.Sequential(*layers)
         pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
