@@ -33,6 +33,7 @@ from medfusion.inference import FusionModel
 from medfusion.io.study import load_study
 from medfusion.keys import pseudonym
 from medfusion.scoring.engine import score_folder, stage_summary
+from medfusion.scoring.scorer import FusionModelScorer, WarmsUp
 from medfusion.testing import dicom_factory
 
 HEADER = (
@@ -312,18 +313,28 @@ def test_memory_budget_marks_the_study_and_the_batch_goes_on(
     cohort, model_dir: Path, tmp_path: Path  # noqa: ANN001
 ) -> None:
     root = copy_studies(cohort, tmp_path / "studies")
-    big = np.zeros((224, 224, 180), dtype=np.int16)
-    big[80:140, 80:140, 60:120] = 400
+    # About 175 MiB to prepare, against small studies' few MiB (first-study allocations
+    # are taken by the worker's warm-up): a budget of 80 MiB is far from both.
+    big = np.zeros((320, 320, 240), dtype=np.int16)
+    big[100:220, 100:220, 60:180] = 400
     (root / "big").mkdir()
     nib.save(nib.Nifti1Image(big, np.diag([0.8, 0.8, 1.0, 1.0])), root / "big" / "ct.nii.gz")
     out = tmp_path / "out"
     # One worker process: the big study's worker is replaced, the next studies still run.
     summary = score_folder(root, model_dir, out, clinical_csv=cohort.clinical, workers=1,
-                           memory_budget_mb=30, progress=False)
+                           memory_budget_mb=80, progress=False)
     assert summary.exit_code == 2
     failures = _rows(out / "failures.csv")
     assert [(r["study_id"], r["code"]) for r in failures] == [("big", "BUDGET_EXCEEDED")]
     assert summary.n_scored == 4
+
+
+def test_worker_warm_up_prepares_every_role_of_the_model(model_dir: Path) -> None:
+    # A warm-up that silently failed would leave a fresh worker's one-time allocations on
+    # its first study, and a tight memory budget would then fail healthy studies.
+    preparer = FusionModelScorer.load(model_dir, networks=False)
+    assert isinstance(preparer, WarmsUp)
+    assert preparer.roles and preparer.warm_up() is True
 
 
 def test_loose_dicom_files_are_grouped_by_study_under_pseudonymous_ids(

@@ -29,7 +29,7 @@ from typing import Any
 from medfusion.errors import MedfusionError, ModelPackageError
 from medfusion.scoring.discovery import StudyRef
 from medfusion.scoring.procs import context
-from medfusion.scoring.scorer import Scorer, prepare_task, rss_mb
+from medfusion.scoring.scorer import Scorer, WarmsUp, prepare_task, rss_mb
 
 log = logging.getLogger("medfusion.scoring")
 
@@ -64,6 +64,8 @@ class InlinePreparer:
         self.time_budget_s = time_budget_s
         self.memory_budget_mb = memory_budget_mb
         self._task: Task | None = None
+        if memory_budget_mb is not None and isinstance(scorer, WarmsUp):
+            scorer.warm_up()
 
     def capacity(self) -> int:
         return 0 if self._task else 1
@@ -134,6 +136,8 @@ def worker_main(
         conn.send(("init_failed", "MODEL_PACKAGE", f"worker could not load the model "
                    f"({type(error).__name__})"))
         return
+    if memory_budget_mb is not None and isinstance(scorer, WarmsUp):
+        scorer.warm_up()  # one-time allocations belong to the baseline, not the first study
     conn.send(("ready", None))
     while True:
         try:

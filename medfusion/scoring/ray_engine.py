@@ -19,7 +19,7 @@ from typing import Any
 from medfusion.errors import MedfusionError
 from medfusion.io.dicom.parallel import ENV as DECODE_ENV
 from medfusion.scoring.pool import ScorerFactory, Task, _silence_process, budget_failure
-from medfusion.scoring.scorer import failure, prepare_task
+from medfusion.scoring.scorer import WarmsUp, failure, prepare_task
 
 # One scorer per Ray worker process and model folder: the model is read once, not per task.
 _SCORERS: dict[str, Any] = {}
@@ -56,6 +56,8 @@ def _ray_prepare(
         except Exception as error:  # noqa: BLE001 - becomes a failure row
             return {"study_id": ref.study_id, "key": ref.key, "ok": False,
                     "failure": failure(ref, "load", error)}
+        if memory_budget_mb is not None and isinstance(scorer, WarmsUp):
+            scorer.warm_up()  # one-time allocations are not this study's
         _SCORERS[model_dir] = scorer
     record = prepare_task(scorer, ref, clinical, explain=explain,
                           memory_budget_mb=memory_budget_mb)

@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from medfusion.errors import (
     BudgetExceededError,
     MedfusionError,
@@ -39,7 +41,7 @@ from medfusion.inference import FusionModel, PreparedInputs
 from medfusion.io.study import load_study
 from medfusion.scoring.discovery import StudyRef, input_digest, study_files
 from medfusion.stages import collect
-from medfusion.types import Prediction, Study
+from medfusion.types import Prediction, Study, Volume
 
 
 @runtime_checkable
@@ -61,6 +63,22 @@ class Scorer(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """PHI-free description for run.json (card hash, recipe...)."""
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """A scorer that can run its preparation once on made-up input before real studies.
+
+    Workers call it before they report ready: the first ``prepare`` of a process allocates
+    caches and pools once (tens of MiB), and a memory budget must measure what a *study*
+    costs, not that one-time start (``docs/scoring.md``)."""
+
+    def warm_up(self) -> bool:
+        """Prepare one synthetic study; True when it went through. Never raises."""
+
+
+#: DICOM modality of a synthetic warm-up volume by role; other roles use the role name
+_WARM_UP_MODALITY = {"ct": "CT", "mr": "MR", "xray": "CR"}
 
 
 class FusionModelScorer:
@@ -95,6 +113,25 @@ class FusionModelScorer:
         # cheaper between processes (design.md).
         prepared = self.model.prepare(study, keep_sources=explain)
         return prepared if explain else prepared.tensors_only()
+
+    def warm_up(self) -> bool:
+        # A smooth ramp over -1000..1000 passes every normalisation (HU window, robust
+        # z-score, percentiles) on a volume twice the model grid, so resampling runs too.
+        volumes: dict[str, Volume] = {}
+        for role in self.roles:
+            grid = tuple(self.model.role_specs[role].grid)
+            shape = tuple(2 * g if g > 1 else 1 for g in grid)
+            ramp = np.linspace(-1000.0, 1000.0, int(np.prod(shape)), dtype=np.float32)
+            array = ramp.reshape(shape).astype(np.int16)
+            volumes[role] = Volume(array=array, affine=np.eye(4),
+                                   modality=_WARM_UP_MODALITY.get(role, "unknown"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                self.model.prepare(Study(key="warm-up", volumes=volumes), keep_sources=False)
+            except Exception:  # noqa: BLE001 - a warm-up only; real studies report errors
+                return False
+        return True
 
     def predict(self, prepared: PreparedInputs, *, explain: bool, alpha: float,
                 cam_method: str = DEFAULT_CAM_METHOD) -> Prediction:
