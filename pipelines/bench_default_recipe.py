@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--normalization", default=None,
                         help="also set modalities.ct.normalization (e.g. mr, as the CT-preset "
                              "warning advises for these 0/255 masks); default: the recipe as is")
+    parser.add_argument("--recipe-extra", default="",
+                        help="YAML lines appended to the recipe, e.g. 'ema_epochs: 2' (the "
+                             "run is then not the default recipe; the output says so)")
+    parser.add_argument("--tag", default="", help="suffix of the model and prediction names")
     args = parser.parse_args(argv)
     if not data_path(args.size).is_file():
         print(f"AdrenalMNIST3D not found at {data_path(args.size)}", file=sys.stderr)
@@ -85,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest, test = write_studies(load_splits(args.size), data, args.limit)
     recipe = RECIPE if args.normalization is None else RECIPE.replace(
         "ct: {}", f"ct: {{normalization: {args.normalization}}}")
+    if args.recipe_extra:
+        recipe += args.recipe_extra.replace("\\n", "\n").rstrip("\n") + "\n"
     (work / "recipe.yaml").write_text(recipe)
-    variant = "" if args.normalization is None else f"-{args.normalization}"
+    variant = ("" if args.normalization is None else f"-{args.normalization}") + args.tag
     model = work / f"model{args.size}-seed{args.seed}{variant}"
     medfusion = [sys.executable, "-m", "medfusion.cli"]
     env = {**os.environ, "MEDFUSION_CACHE_DIR": str(work / "cache")}

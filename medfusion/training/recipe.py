@@ -68,6 +68,7 @@ _TOP_KEYS = {
     "aux_loss",
     "fusion_training",
     "calibration_fraction",
+    "ema_epochs",
 }
 AUGMENTS = ("none", "flip", "flip_permute")
 FUSION_TRAINING = ("staged", "joint")
@@ -133,6 +134,7 @@ class Recipe:
     aux_loss: float = 0.5
     fusion_training: str = "staged"
     calibration_fraction: float = 0.5
+    ema_epochs: float = 0.0
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -393,5 +395,6 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
                               FUSION_TRAINING),
         calibration_fraction=_float(data.get("calibration_fraction", 0.5),
                                     "calibration_fraction", 0.0, 0.8),
+        ema_epochs=_float(data.get("ema_epochs", 0.0), "ema_epochs", 0.0, 100.0),
         source=data,
     )

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medfusion.device import module_device, select_device
 from medfusion.errors import ManifestError, OutputError
@@ -164,6 +165,18 @@ def _fit_member(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
                       log_handle=log_handle, progress=progress, task=task, deadline=deadline)
 
 
+def _weight_average(model: torch.nn.Module, recipe: Recipe, steps_per_epoch: int
+                    ) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics over
+    about ``recipe.ema_epochs`` epochs of optimizer steps (None when 0): the averaged copy
+    is what validation scores and what an epoch keeps, so the kept network is not one
+    noisy step of the optimizer but the mean of its last few epochs."""
+    if recipe.ema_epochs <= 0:
+        return None
+    decay = 1.0 - 1.0 / max(1.0, recipe.ema_epochs * steps_per_epoch)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _cosine_schedule(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
                      ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over about one epoch, then cosine decay to 0 over ``epochs``."""
@@ -271,8 +284,12 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
          for _ in modalities]).to(device)
     params = list(net.encoder_parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
-    sched = _cosine_schedule(opt, max(1, math.ceil(len(train_idx) / recipe.batch_size)),
-                             recipe.epochs)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / recipe.batch_size))
+    sched = _cosine_schedule(opt, steps_per_epoch, recipe.epochs)
+    trained = torch.nn.ModuleList([net, heads])
+    ema = _weight_average(trained, recipe, steps_per_epoch)
+    # What validation scores and epochs keep: the weight average when there is one.
+    scored_net, scored_heads = (net, heads) if ema is None else (ema.module[0], ema.module[1])
     best: list[dict[str, Any]] = [{"score": -math.inf, "epoch": -1, "auroc": None,
                                    "state": None} for _ in modalities]
     stale = [0] * len(modalities)
@@ -296,22 +313,25 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(trained)
             losses.append(float(loss.detach()))
         epochs_run = epoch + 1
         record: dict[str, Any] = {"member": member, "stage": "unimodal", "epoch": epoch + 1,
                                   "train_loss": float(np.mean(losses)) if losses else None,
                                   "lr": float(opt.param_groups[0]["lr"])}
         if len(val_idx):
-            _, _, emb_val = run_net(net, {r: a[val_idx] for r, a in data.images.items()},
+            _, _, emb_val = run_net(scored_net,
+                                    {r: a[val_idx] for r, a in data.images.items()},
                                     None if clinical is None else clinical[val_idx],
                                     data.present[val_idx])
-            heads.eval()
+            scored_heads.eval()
             for j, m in enumerate(modalities):
                 rows = data.present[val_idx, j]
                 if not rows.any():
                     continue
                 with torch.no_grad():
-                    logits = heads[j](torch.from_numpy(emb_val[rows, j]).to(device))
+                    logits = scored_heads[j](torch.from_numpy(emb_val[rows, j]).to(device))
                 probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
                 score, metrics = _stopping_score(probs, data.labels[val_idx][rows],
                                                  best[j]["score"])
@@ -325,7 +345,7 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
                     best[j] = {"score": score, "epoch": epoch + 1, "auroc": metrics["auroc"],
                                "state": [{k: v.detach().clone()
                                           for k, v in mod.state_dict().items()}
-                                         for mod in _modality_modules(net, m)]}
+                                         for mod in _modality_modules(scored_net, m)]}
                     stale[j] = 0
                 else:
                     stale[j] += 1
@@ -346,6 +366,10 @@ def _fit_staged(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarra
         if best[j]["state"] is not None:
             for mod, state in zip(_modality_modules(net, m), best[j]["state"], strict=True):
                 mod.load_state_dict(state)
+        elif ema is not None:  # no epoch was selectable (cut short): the average so far
+            for mod, avg in zip(_modality_modules(net, m), _modality_modules(scored_net, m),
+                                strict=True):
+                mod.load_state_dict(avg.state_dict())
     # Stage 2 -----------------------------------------------------------------------------
     head_info = _fit_fusion_head(net, data, clinical, recipe, weight=weight, gen=gen,
                                  member=member, log_handle=log_handle)
@@ -447,8 +471,10 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
     params = list(net.parameters()) + ([] if aux is None else list(aux.parameters()))
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate,
                             weight_decay=recipe.weight_decay)
-    sched = _cosine_schedule(opt, max(1, math.ceil(len(train_idx) / recipe.batch_size)),
-                             recipe.epochs)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / recipe.batch_size))
+    sched = _cosine_schedule(opt, steps_per_epoch, recipe.epochs)
+    ema = _weight_average(net, recipe, steps_per_epoch)
+    scored = net if ema is None else ema.module  # what validation scores and epochs keep
     best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None, "val_auroc": None}
     stale = 0
     for epoch in range(recipe.epochs):
@@ -472,6 +498,8 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
             losses.append(float(loss.detach()))
         record: dict[str, Any] = {
             "member": member,
@@ -480,7 +508,7 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
             "lr": float(opt.param_groups[0]["lr"]),
         }
         if len(val_idx):
-            logits, _, _ = run_net(net, {r: a[val_idx] for r, a in data.images.items()},
+            logits, _, _ = run_net(scored, {r: a[val_idx] for r, a in data.images.items()},
                                    None if clinical is None else clinical[val_idx],
                                    data.present[val_idx])
             probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
@@ -497,7 +525,7 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
             pass
         elif score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "val_auroc": record.get("val_auroc"),
-                    "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+                    "state": {k: v.detach().clone() for k, v in scored.state_dict().items()}}
             stale = 0
         else:
             stale += 1
@@ -518,6 +546,8 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
             break
     if best["state"] is not None:
         net.load_state_dict(best["state"])
+    elif ema is not None:  # no epoch was selectable (cut short): the average so far
+        net.load_state_dict(scored.state_dict())
     net.to("cpu")  # calibration, the kernel SVM and the package work on CPU tensors
     net.eval()
     return {"best_epoch": best["epoch"], "val_auroc": best["val_auroc"]}
