@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from medfusion.errors import MedfusionError
-from medfusion.io.dicom import parallel
+from medfusion.io.dicom import parallel, pixels
 from medfusion.io.volume import load_volume
 from medfusion.stages import collect
 from medfusion.testing.dicom_factory import truncate_file, write_series
@@ -73,3 +73,17 @@ def test_who_decodes_in_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mp.current_process(), "daemon", True, raising=False)
     assert parallel.decode_processes() == 1  # a scoring worker: the batch uses the cores
     assert RLELossless not in parallel.GIL_BOUND  # fast, and releases the GIL
+
+
+def test_jpeg_ls_is_decoded_by_charls_with_the_voxels_libjpeg_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CharLS is the faster decoder; it must give exactly what pydicom's own choice gives.
+    assert pixels._preferred_plugin(JPEGLSLossless) == "pyjpegls"
+    assert pixels._preferred_plugin(JPEG2000Lossless) == ""
+    arr = _ct(3)
+    write_series(tmp_path / "enc", arr, seed=6, transfer_syntax=JPEGLSLossless)
+    monkeypatch.setenv(parallel.ENV, "1")
+    charls = load_volume(tmp_path / "enc")
+    monkeypatch.setattr(pixels, "_PREFERRED_PLUGIN", {})
+    default = load_volume(tmp_path / "enc")
+    np.testing.assert_array_equal(charls.array, default.array)

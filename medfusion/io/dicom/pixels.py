@@ -10,10 +10,13 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
 )
 
 from medfusion.errors import (
@@ -30,6 +33,21 @@ _INSTALL_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pyli
 
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+# Where pydicom's own choice among installed plugins is the slow one: left to itself it
+# decodes JPEG-LS with libjpeg, while CharLS (pyjpegls, which highdicom needs anyway) reads
+# and decodes a 512x512 frame 2.5-3x faster, also faster than SimpleITK
+# (pipelines/bench_load.py --codec jpegls). Both are lossless, so the voxels are the same.
+_PREFERRED_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+
+
+def _preferred_plugin(ts: str) -> str:
+    """The decoding plugin to ask for, or "" for pydicom's own choice."""
+    plugin = _PREFERRED_PLUGIN.get(ts, "")
+    try:
+        return plugin if plugin and plugin in get_decoder(ts).available_plugins else ""
+    except (NotImplementedError, ValueError):
+        return ""
 
 
 _GRAYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
@@ -192,8 +210,6 @@ def _require_decoder(ts: str, what: str) -> None:
     """Refuse a compressed transfer syntax that no installed plugin can decode, before
     decoding: only then is the answer "install the decoders" (a decoder that is installed
     and fails on the data means corrupt pixel data, see :func:`_decode_failure`)."""
-    from pydicom.pixels import get_decoder
-
     try:
         available = get_decoder(ts).is_available
     except (NotImplementedError, ValueError):
@@ -226,6 +242,21 @@ def _decode_failure(
     )
 
 
+def _decode(ds: Dataset, plugin: str) -> np.ndarray:
+    """``ds.pixel_array``, first with ``plugin`` when one is preferred. A stream the preferred
+    decoder refuses goes to pydicom's own choice before anything is called corrupt: CharLS
+    rejects JPEG-LS frames of some encoders (a NEMA WG04 MR) that libjpeg reads exactly."""
+    if plugin:
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except BaseException as exc:  # noqa: BLE001 - re-raised below unless an input failure
+            if not _is_input_failure(exc):
+                raise
+            ds.pixel_array_options(decoding_plugin="")
+    return ds.pixel_array
+
+
 def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarray, bool]:
     """Full pydicom read and decode (compressed syntaxes via the pylibjpeg plugins).
 
@@ -250,7 +281,7 @@ def _read_pydicom(h: _FileHeader, what: str, *, strict: bool) -> tuple[np.ndarra
         if compressed:
             _require_decoder(ts, what)
         try:
-            arr = ds.pixel_array
+            arr = _decode(ds, _preferred_plugin(ts) if compressed else "")
         except BaseException as exc:
             if not _is_input_failure(exc):
                 raise
