@@ -55,7 +55,7 @@ _RATIO_TOLERANCE = {"extent_mm": 1.5, "spacing_mm": 2.0, "slices": 2.0}
 #: range to a point).
 _INTENSITY_MARGIN = (0.5, 0.1)
 _CLINICAL_MARGIN = (0.25, 0.05)
-# Percentiles are estimated on at most this many voxels (an even stride, so deterministic).
+# Percentiles are estimated on about this many voxels at most (a lattice, so deterministic).
 _MAX_SAMPLES = 1_000_000
 
 
@@ -71,10 +71,17 @@ def volume_quantities(volume: Volume) -> dict[str, float]:
         out[f"spacing_mm_{i}"] = float(value)
     out["slices"] = float(shape[2])
     array = np.asarray(volume.array)
-    step = max(1, math.ceil(array.size / _MAX_SAMPLES))
-    # The same C-order voxels either way; ``.flat`` gathers only the samples where
-    # ``reshape`` would copy a whole non-contiguous (e.g. reoriented) volume first.
-    flat = array.reshape(-1)[::step] if array.flags.c_contiguous else array.flat[::step]
+    # Subsampled on a lattice of voxel indices (every s-th voxel along each axis longer than
+    # one), so the samples are the same voxels whatever the memory layout; they are then
+    # gathered in memory order. (A C-order stride over a Fortran-ordered 512x512x200 DICOM
+    # stack jumps a megabyte per sample: 110-135 ms of a study's preparation.)
+    ratio = array.size / _MAX_SAMPLES
+    if ratio > 1:
+        long_axes = sum(1 for n in array.shape if n > 1)
+        s = math.ceil(ratio ** (1.0 / max(1, long_axes)))
+        array = array[tuple(slice(None, None, s) if n > 1 else slice(None)
+                            for n in array.shape)]
+    flat = array.ravel(order="K")
     finite = flat[np.isfinite(flat)]
     if finite.size:
         p01, p50, p99 = np.percentile(finite.astype(np.float64), [1.0, 50.0, 99.0])
