@@ -29,7 +29,7 @@ def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def test_recipe_bounds() -> None:
-    assert load_recipe({**RECIPE}).ema_epochs == 0.0  # off unless asked
+    assert load_recipe({**RECIPE}).ema_epochs == 2.0  # the default
     assert load_recipe({**RECIPE, "ema_epochs": 0}).ema_epochs == 0.0
     with pytest.raises(RecipeError, match="ema_epochs"):
         load_recipe({**RECIPE, "ema_epochs": -1})

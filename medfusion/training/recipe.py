@@ -118,14 +118,14 @@ class Recipe:
     embed_dim: int = 64
     dropout: float = 0.2
     modality_dropout: float = 0.2
-    epochs: int = 40
+    epochs: int = 24
     batch_size: int = 16
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     patience: int = 10
     class_weighting: bool = True
     augment: str = "flip"
-    ensemble: int = 1
+    ensemble: int = 2
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     max_minutes: float | None = None
@@ -134,7 +134,7 @@ class Recipe:
     aux_loss: float = 0.5
     fusion_training: str = "staged"
     calibration_fraction: float = 0.5
-    ema_epochs: float = 0.0
+    ema_epochs: float = 2.0
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -373,14 +373,17 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         embed_dim=_int(data.get("embed_dim", 64), "embed_dim", 4, 1024),
         dropout=_float(data.get("dropout", 0.2), "dropout", 0.0, 0.9),
         modality_dropout=_float(data.get("modality_dropout", 0.2), "modality_dropout", 0.0, 0.9),
-        epochs=_int(data.get("epochs", 40), "epochs", 1, 10000),
+        # Two members of 24 epochs with weight averaging: on AdrenalMNIST3D (two seeds) test
+        # AUROC 0.862 / 0.857 and ECE 0.046 / 0.062, against 0.855 / 0.841 and 0.078 / 0.056
+        # for one member of 40 epochs, in about the same training time (docs/training.md).
+        epochs=_int(data.get("epochs", 24), "epochs", 1, 10000),
         batch_size=_int(data.get("batch_size", 16), "batch_size", 1, 4096),
         learning_rate=_float(data.get("learning_rate", 2e-3), "learning_rate", 1e-7, 1.0),
         weight_decay=_float(data.get("weight_decay", 1e-4), "weight_decay", 0.0, 1.0),
         patience=_int(data.get("patience", 10), "patience", 1, 10000),
         class_weighting=_bool(data.get("class_weighting", True), "class_weighting"),
         augment=augment,
-        ensemble=_int(data.get("ensemble", 1), "ensemble", 1, 20),
+        ensemble=_int(data.get("ensemble", 2), "ensemble", 1, 20),
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         max_minutes=None if max_minutes is None else _float(max_minutes, "max_minutes", 0.01, 1e5),
@@ -395,6 +398,6 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
                               FUSION_TRAINING),
         calibration_fraction=_float(data.get("calibration_fraction", 0.5),
                                     "calibration_fraction", 0.0, 0.8),
-        ema_epochs=_float(data.get("ema_epochs", 0.0), "ema_epochs", 0.0, 100.0),
+        ema_epochs=_float(data.get("ema_epochs", 2.0), "ema_epochs", 0.0, 100.0),
         source=data,
     )
