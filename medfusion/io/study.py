@@ -430,7 +430,7 @@ def load_study(
                                   "is missing for this study.", {"role": role}))
         else:
             texts[role] = text
-    if not volumes and not texts:
+    if not volumes and not note_paths:  # an empty note still says the study was given
         raise NoImagesError(
             "no usable image in this study folder (no CT, MR or radiograph DICOM series and "
             "no NIfTI named for a role such as ct.nii.gz); check the folder or pass roles=."
