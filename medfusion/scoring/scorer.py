@@ -166,6 +166,7 @@ class FusionModelScorer:
             "file_sha256": files,
             "labels": list(self.labels),
             "roles": list(self.roles),
+            **({"text_roles": list(self.text_roles)} if self.text_roles else {}),
             "modalities": list(self.modalities),
             "recipe": card.get("recipe"),
         }
