@@ -288,3 +288,29 @@ def test_minilm_encoder_is_frozen_offline_and_not_packaged(tmp_path: Path,
     with pytest.raises(MissingExtraError) as err:
         mf.FusionModel.load(model_dir)
     assert "medfusion[text-minilm]" in str(err.value)
+
+
+def test_cli_train_predict_inspect_with_a_text_role(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medfusion.cli import app
+
+    cohort = write_note_cohort(tmp_path / "c", 30, seed=4, image=False, inline=True,
+                               planted_name=SURNAME)
+    (tmp_path / "recipe.yaml").write_text(
+        "labels: [normal, abnormal]\ntext:\n  history: {max_tokens: 48}\nepochs: 2\n"
+        "batch_size: 8\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--manifest",
+                                 str(cohort.manifest), "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert "val_auroc" in result.output and SURNAME.lower() not in result.output.lower()
+    result = runner.invoke(app, ["predict", str(tmp_path / "model"), "--manifest",
+                                 str(cohort.manifest), "--out", str(tmp_path / "pred.csv")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
+    assert len(rows) == 30 and all(r["modalities_used"] == "history" for r in rows)
+    _assert_absent(_all_bytes(tmp_path / "model") + (tmp_path / "pred.csv").read_bytes(),
+                   "the CLI outputs (inline notes)")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "nowhere"), "--note", "history"])
+    assert result.exit_code == 1 and "NO_IMAGES" in result.output
