@@ -166,7 +166,12 @@ def test_missing_note_renormalises_attention(trained) -> None:  # noqa: ANN001
     assert alone.modalities_used == ("clinical",)
     assert alone.modality_weights == {"clinical": pytest.approx(1.0)}
     text_only = model.predict(mf.Study(key="st-c", notes={"history": note}))
-    assert text_only.modalities_used == ("history",)
+    assert text_only.modalities_used == ("history",) and text_only.flags == ()
+    odd = model.predict(mf.Study(key="st-e", notes={"history": "Zyx qwv plom trak " + note}))
+    assert odd.flags == () and "NOTE_UNFAMILIAR:history" in model.predict(mf.Study(
+        key="st-f", notes={"history": "Zyx qwv plom trak vorn gleb " * 20 + note})).flags
+    long = model.predict(mf.Study(key="st-g", notes={"history": note * 40}))
+    assert "NOTE_TRUNCATED:history" in long.flags
     with pytest.raises(NoteError) as err:
         model.predict(mf.Study(key="st-d", notes={"history": "x" * (MAX_NOTE_BYTES + 1)}))
     assert err.value.code == "NOTE_TOO_LARGE"
