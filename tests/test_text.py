@@ -319,3 +319,22 @@ def test_cli_train_predict_inspect_with_a_text_role(tmp_path: Path) -> None:
                    "the CLI outputs (inline notes)")
     result = runner.invoke(app, ["inspect", str(tmp_path / "nowhere"), "--note", "history"])
     assert result.exit_code == 1 and "NO_IMAGES" in result.output
+
+
+def test_load_study_notes(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "history.txt").write_text("Complains of cough.", encoding="utf-8")
+    (folder / "readme.txt").write_text("not a role", encoding="utf-8")
+    study = mf.load_study(folder, notes=["history", "referral"])  # a note, no image: valid
+    assert study.notes == {"history": "Complains of cough."} and study.volumes == {}
+    assert "Complains" not in repr(study)
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("secret", encoding="utf-8")
+    (folder / "referral.txt").symlink_to(outside)
+    with pytest.raises(NoteError) as err:
+        mf.load_study(folder, notes=["referral"])
+    assert err.value.code == "NOTE_UNREADABLE" and "elsewhere" not in str(err.value)
+    with pytest.raises(mf.MedfusionError) as err:  # without note roles: nothing to load
+        mf.load_study(folder)
+    assert err.value.code == "NO_IMAGES"
