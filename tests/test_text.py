@@ -300,10 +300,10 @@ def test_cli_train_predict_inspect_with_a_text_role(tmp_path: Path) -> None:
 
     from medfusion.cli import app
 
-    cohort = write_note_cohort(tmp_path / "c", 30, seed=4, image=False, inline=True,
+    cohort = write_note_cohort(tmp_path / "c", 24, seed=4, image=False, inline=True,
                                planted_name=SURNAME)
     (tmp_path / "recipe.yaml").write_text(
-        "labels: [normal, abnormal]\ntext:\n  history: {max_tokens: 48}\nepochs: 2\n"
+        "labels: [normal, abnormal]\ntext:\n  history: {max_tokens: 48}\nepochs: 1\n"
         "batch_size: 8\nclinical: {marker: {type: numeric}}\nfusion: kernel\n")
     runner = CliRunner()
     result = runner.invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--manifest",
@@ -315,7 +315,7 @@ def test_cli_train_predict_inspect_with_a_text_role(tmp_path: Path) -> None:
                                  str(cohort.manifest), "--out", str(tmp_path / "pred.csv")])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
-    assert len(rows) == 30 and all(r["modalities_used"] == "history|clinical" for r in rows)
+    assert len(rows) == 24 and all(r["modalities_used"] == "history|clinical" for r in rows)
     # kernel fusion: one RBF kernel per modality, the note's included, with its weight
     kernel = json.loads((tmp_path / "model" / "model.json").read_text())["members"][0]["kernel"]
     assert len(kernel["weights"]) == 2 and abs(sum(kernel["weights"]) - 1.0) < 1e-6
