@@ -62,12 +62,16 @@ def _fail(error: MedfusionError) -> None:
 def inspect(
     path: Path = typer.Argument(..., help="A study folder, DICOM series folder or file, or NIfTI."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    note: Optional[list[str]] = typer.Option(  # noqa: UP045 - typer needs Optional
+        None, "--note",
+        help="A text role whose <role>.txt note to report (present, length in tokens; never "
+             "its content). Repeatable."),
 ) -> None:
     """Show what was found (studies, series, modality, shape, spacing, issues), PHI-free."""
     from medfusion.io.inspect import inspect_path, render_inspection
 
     try:
-        report = inspect_path(path)
+        report = inspect_path(path, notes=tuple(note or ()))
     except MedfusionError as error:
         _fail(error)
         return

@@ -93,7 +93,22 @@ class ClinicalSchemaError(MedfusionError):
     code = "CLINICAL_SCHEMA"
 
 
+# --- free-text notes ----------------------------------------------------------------------
+class NoteError(MedfusionError):
+    """A clinical note that cannot be read: not UTF-8 text (``NOTE_ENCODING``), larger than
+    the note limit (``NOTE_TOO_LARGE``), or not a regular file (``NOTE_UNREADABLE``). The
+    message names the role only, never the note's text."""
+
+    code = "NOTE_UNREADABLE"
+
+
 # --- models, recipes, packages -----------------------------------------------------------
+class MissingExtraError(MedfusionError):
+    """An optional component whose extra is not installed (the message names the extra)."""
+
+    code = "MISSING_EXTRA"
+
+
 class RecipeError(MedfusionError):
     code = "RECIPE"
 

@@ -164,13 +164,16 @@ class Study:
     """Everything known about one study. ``key`` is pseudonymous (a keyed digest), never PHI.
 
     ``volumes`` maps an imaging role (``ct``, ``mr``, ``xray`` or a recipe role) to a Volume;
-    ``clinical`` maps clinical variable names to values (None = missing).
+    ``clinical`` maps clinical variable names to values (None = missing); ``notes`` maps a
+    text role (``history``...) to the note's text (absent = missing). Notes are left out
+    of ``repr`` and must never be logged or written anywhere but to the model.
     """
 
     key: str
     volumes: Mapping[str, Volume] = field(default_factory=dict)
     clinical: Mapping[str, Any] | None = None
     issues: tuple[Finding, ...] = ()
+    notes: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def roles(self) -> tuple[str, ...]:

@@ -62,7 +62,7 @@ def _inputs(prepared: PreparedStudy, net: FusionNet
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
     images = {
         r: torch.from_numpy(np.ascontiguousarray(prepared.tensors[r], dtype=np.float32))[None]
-        for r in net.config.roles
+        for r in [*net.config.roles, *net.config.texts]
         if r in prepared.tensors
     }
     clinical = None

@@ -16,9 +16,10 @@ from medfusion.inference.model import FusionModel
 from medfusion.inference.table import prediction_columns, prediction_row
 from medfusion.io.clinical import FLAG_COLUMNS_MISSING
 from medfusion.io.manifest import read_manifest_rows
+from medfusion.io.notes import NOTE_EMPTY, resolve_note
 from medfusion.io.volume import load_volume
 from medfusion.keys import pseudonym, safe_component
-from medfusion.types import Study
+from medfusion.types import Finding, Study
 
 log = logging.getLogger("medfusion.inference")
 
@@ -59,7 +60,8 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
     schema = model.card.clinical.schema if model.card.clinical is not None else None
     rows = read_manifest_rows(manifest, roles=model.roles, labels=model.labels,
                               clinical=schema, require_labels=False, require_columns=False,
-                              allow_missing_clinical=allow_missing_clinical, bad_clinical="row")
+                              allow_missing_clinical=allow_missing_clinical, bad_clinical="row",
+                              text_roles=model.text_roles)
     out_csv = Path(out_csv)
     columns = predict_columns(model, explain=explain)
     lines: list[dict[str, str]] = []
@@ -68,8 +70,17 @@ def predict_manifest(model_dir: str | Path, manifest: str | Path, out_csv: str |
             if row.clinical_error is not None:  # this study only: the others are scored
                 raise ClinicalSchemaError(row.clinical_error)
             volumes = {r: load_volume(p) for r, p in row.paths.items() if p is not None}
+            notes: dict[str, str] = {}
+            issues: list[Finding] = []
+            for role, source in row.notes.items():
+                text = resolve_note(source, role)
+                if text is not None:
+                    notes[role] = text
+                elif source is not None:  # a note file or cell that holds only blanks
+                    issues.append(Finding(NOTE_EMPTY, f"the `{role}` note is empty.",
+                                          {"role": role}))
             study = Study(key=pseudonym(row.study_id, prefix="st-"), volumes=volumes,
-                          clinical=row.clinical)
+                          clinical=row.clinical, notes=notes, issues=tuple(issues))
             pred = model.predict(study, explain=explain, alpha=alpha, cam_method=cam_method)
         except MedfusionError as exc:
             log.warning("manifest line %d not scored (%s)", row.line, exc.code)

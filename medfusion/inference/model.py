@@ -34,11 +34,13 @@ from medfusion.explain.api import DEFAULT_CAM_METHOD, explain_prediction
 from medfusion.inference.prepared import PreparedInputs, stack_prepared
 from medfusion.inference.trust import trust_outputs
 from medfusion.io.clinical import SCHEMA_KEYS, validate_record
+from medfusion.io.notes import NOTE_EMPTY, check_note_text
 from medfusion.models.card import ModelCard
 from medfusion.models.clinical import ClinicalPreprocessor, clinical_present
 from medfusion.models.kernel import KernelFusionClassifier
 from medfusion.models.net import FusionNet, run_net, tta_variants
 from medfusion.models.package import load_package
+from medfusion.models.text import NoteTokenizer
 from medfusion.numerics import softmax
 from medfusion.preprocess import prepare_volume, to_tensor_input
 from medfusion.stages import timed
@@ -50,6 +52,12 @@ from medfusion.uncertainty.metrics import mutual_information, probability_std
 from medfusion.uncertainty.shift import FLAG_OOD, ShiftReference
 
 log = logging.getLogger("medfusion.inference")
+
+#: a note longer than the model's ``max_tokens`` (its first tokens were used)
+FLAG_NOTE_TRUNCATED = "NOTE_TRUNCATED"
+#: a note whose tokens are mostly outside the vocabulary fitted on the training notes
+FLAG_NOTE_UNFAMILIAR = "NOTE_UNFAMILIAR"
+UNKNOWN_SHARE = 0.5
 
 
 def _coerce_clinical(record: Mapping[str, Any] | None, schema: Mapping[str, Mapping[str, Any]]
@@ -78,6 +86,11 @@ class FusionModel:
         self.labels: tuple[str, ...] = card.labels
         self.config = card.net
         self.roles: tuple[str, ...] = card.roles
+        #: text (note) roles and their tokenizers (the card's fitted vocabularies)
+        self.text_roles: tuple[str, ...] = card.text_roles
+        self.tokenizers = {r: NoteTokenizer.from_dict(card.text[r]) for r in self.text_roles}
+        #: every role with an input tensor: imaging roles, then text roles
+        self.input_roles: tuple[str, ...] = (*self.roles, *self.text_roles)
         self.modalities: tuple[str, ...] = card.modalities
         self.role_specs = dict(card.role_specs)
         self.clinical_schema: dict[str, dict[str, Any]] = {}
@@ -189,6 +202,24 @@ class FusionModel:
             if keep_sources:
                 sources[role] = volume
             present.append(True)
+        flags: list[str] = []
+        for role in self.text_roles:
+            tokenizer = self.tokenizers[role]
+            text = study.notes.get(role)
+            text = None if text is None else check_note_text(text, role)
+            if text is None:
+                tensors[role] = np.zeros(tokenizer.max_tokens, dtype=np.float32)
+                present.append(False)
+                continue
+            ids, n_tokens, n_unknown = tokenizer.encode_counted(text)
+            tensors[role] = ids
+            present.append(True)
+            if n_tokens > tokenizer.max_tokens:
+                flags.append(f"{FLAG_NOTE_TRUNCATED}:{role}")
+            if n_unknown > UNKNOWN_SHARE * min(n_tokens, tokenizer.max_tokens):
+                flags.append(f"{FLAG_NOTE_UNFAMILIAR}:{role}")
+        flags += [f"{NOTE_EMPTY}:{f.details.get('role')}" for f in study.issues
+                  if f.code == NOTE_EMPTY and f.details.get("role") in self.text_roles]
         clinical = None
         if self.preprocessor is not None:
             record = _coerce_clinical(study.clinical, self.clinical_schema)
@@ -201,7 +232,8 @@ class FusionModel:
                 f"the study has none of the modalities this model was trained on "
                 f"({', '.join(self.modalities)}); give at least one of them."
             )
-        flags = [f"ROLE_NOT_USED:{r}" for r in sorted(study.volumes) if r not in self.roles]
+        flags += [f"ROLE_NOT_USED:{r}" for r in sorted({*study.volumes, *study.notes})
+                  if r not in self.input_roles]
         if self.input_domain is not None:
             # Outside the acquisition or clinical range of the training split: the model has
             # never seen such an input, whatever its encoders make of it (uncertainty.domain).
@@ -277,7 +309,7 @@ class FusionModel:
         if not 0.0 < alpha < 1.0:
             raise MedfusionError("alpha must be in (0, 1), e.g. 0.1 for 90% prediction sets.",
                                  code="BAD_ARGUMENT")
-        images, clinical, present = stack_prepared(batch, self.roles)
+        images, clinical, present = stack_prepared(batch, self.input_roles)
         member_probs, weights = self.member_outputs(images, clinical, present)
         raw = member_probs.mean(axis=0)
         probs = self.calibrated(raw)

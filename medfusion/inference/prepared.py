@@ -16,8 +16,10 @@ class PreparedInputs:
     """One study, ready for the network. Small enough to send between processes when
     ``sources`` is empty (see :meth:`lite`).
 
-    ``tensors[role]``: (1, I, J, K) float32 for every trained role (zeros when absent);
-    ``present``: (M,) bool over ``modalities`` (trained roles sorted, then "clinical");
+    ``tensors[role]``: (1, I, J, K) float32 for every trained imaging role and
+    (max_tokens,) float32 token ids for every text role (zeros when absent);
+    ``present``: (M,) bool over ``modalities`` (imaging roles sorted, text roles sorted,
+    then "clinical");
     ``clinical``: (F,) float32 preprocessed features or None for an image-only model;
     ``prepared[role]`` / ``sources[role]``: the model-grid Volume and the Volume as loaded
     (for mapping explanations back to the scanner grid).

@@ -27,6 +27,7 @@ from typing import Any
 
 from medfusion.errors import MedfusionError, NoImagesError
 from medfusion.io.dicom import scan_dicom
+from medfusion.io.notes import count_tokens
 from medfusion.io.study import discover_study_files, link_loop_error, load_study
 from medfusion.io.volume import load_volume
 from medfusion.keys import pseudonym
@@ -113,17 +114,23 @@ def _find_study_folders(folder: Path) -> tuple[str, list[Path], dict[str, int]]:
     return "collection", subdirs, skipped
 
 
-def _study_entry(folder: Path) -> dict[str, Any]:
-    study = load_study(folder)
-    return {
+def _study_entry(folder: Path, notes: Sequence[str] = ()) -> dict[str, Any]:
+    study = load_study(folder, notes=notes)
+    entry: dict[str, Any] = {
         "key": study.key,
         "folder_key": pseudonym(folder.name, prefix="st-"),
         "roles": {role: _volume_entry(study.volumes[role]) for role in study.roles},
         "issues": _issues(study.issues),
     }
+    if notes:
+        # Whether each note is there and how long it is; never a word of it.
+        entry["notes"] = {role: {"present": role in study.notes,
+                                 "tokens": count_tokens(study.notes.get(role))}
+                          for role in notes}
+    return entry
 
 
-def inspect_path(path: str | Path) -> dict[str, Any]:
+def inspect_path(path: str | Path, *, notes: Sequence[str] = ()) -> dict[str, Any]:
     """Inspect a file, a study folder or a folder of studies; return a PHI-free dict.
 
     Keys: ``input`` (a ``path-`` digest), ``kind`` (``file``/``study``/``collection``),
@@ -131,6 +138,9 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     out, by reason, e.g. ``SYMLINK_LOOP``) and ``studies``: a list of entries with ``key``,
     ``folder_key``, ``roles`` (role -> modality, shape, spacing, orientation, source,
     series_key) and ``issues`` (code, message, details), or ``error`` (code, message).
+    With ``notes`` (text roles), each study entry also has ``notes``: role -> ``present``
+    and ``tokens`` (the length of ``<role>.txt`` in words and punctuation groups, see
+    :func:`medfusion.io.notes.count_tokens`); nothing of the note's content is reported.
     """
     p = Path(path)
     report: dict[str, Any] = {
@@ -165,10 +175,10 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     report["skipped"] = dict(sorted(skipped.items()))
     for folder in folders:
         if kind == "study":
-            report["studies"].append(_study_entry(folder))
+            report["studies"].append(_study_entry(folder, notes))
             continue
         try:
-            report["studies"].append(_study_entry(folder))
+            report["studies"].append(_study_entry(folder, notes))
         except MedfusionError as error:
             report["n_failed"] += 1
             report["studies"].append({
@@ -218,6 +228,12 @@ def render_inspection(report: Mapping[str, Any], console: Any) -> None:
                 str(vol.get("orientation")),
                 ", ".join(codes),
             )
+            first = False
+        for role, note in (entry.get("notes") or {}).items():
+            table.add_row(name if first else "", role, "note",
+                          f"{note['tokens']} tokens" if note["present"] else "missing",
+                          "", "", ", ".join(sorted({i["code"] for i in issues if i.get(
+                              "details", {}).get("role") == role})))
             first = False
         for issue in issues:
             details = issue.get("details", {})

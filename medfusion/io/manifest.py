@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medfusion.errors import ClinicalSchemaError, ManifestError
 from medfusion.io.clinical import ClinicalSchema, match_clinical_columns, validate_value
+from medfusion.io.notes import NOTE_SUFFIX
 
 SPLITS = ("train", "val", "test")
 _RESERVED = ("study_id", "label", "patient_id", "split")
@@ -44,6 +45,9 @@ class ManifestRow:
     clinical: dict[str, Any] | None
     clinical_error: str | None = None
     clinical_absent: tuple[str, ...] = ()
+    #: text role -> the note: inline text (str), a ``.txt`` file (Path) or None (missing).
+    #: Read a file with ``medfusion.io.notes.read_note``; never log either.
+    notes: dict[str, str | Path | None] = field(default_factory=dict, repr=False)
 
 
 def manifest_error(message: str) -> ManifestError:
@@ -55,7 +59,8 @@ def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequen
                        clinical: Mapping[str, Mapping[str, Any]] | None,
                        require_labels: bool = True, require_columns: bool = True,
                        allow_missing_clinical: bool = False,
-                       bad_clinical: str = "raise") -> list[ManifestRow]:
+                       bad_clinical: str = "raise",
+                       text_roles: Sequence[str] = ()) -> list[ManifestRow]:
     """Read and validate ``path`` for a model or recipe with imaging ``roles``, class
     ``labels`` and the ``clinical`` schema (None: no clinical columns are read).
 
@@ -69,6 +74,11 @@ def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequen
     column spelled differently from the schema (``Age`` for ``age``) is always refused
     (``CLINICAL_SCHEMA``). ``bad_clinical="row"`` (prediction) records an invalid clinical
     cell in that row's ``clinical_error`` instead of refusing the file.
+
+    ``text_roles`` columns hold a note: the text itself, or (a cell ending in ``.txt``
+    without a line break) the path of a UTF-8 note file relative to the manifest, which
+    must exist; empty = missing. Notes are not read or checked here (a bad note file fails
+    its own row later, ``medfusion.io.notes``) and never appear in a message.
     """
     if bad_clinical not in ("raise", "row"):
         raise ValueError("bad_clinical must be 'raise' or 'row'")
@@ -87,7 +97,7 @@ def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequen
             f"Manifest could not be read as a UTF-8 CSV ({type(exc).__name__}).") from None
     required = ["study_id"] + (["label"] if require_labels else [])
     if require_columns:
-        required += list(roles)
+        required += [*roles, *text_roles]
     missing = [c for c in required if c not in columns]
     match = None
     if schema:
@@ -95,7 +105,7 @@ def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequen
         # joins the other missing columns for training, and needs the opt-in to predict.
         match = match_clinical_columns(
             columns, ClinicalSchema.from_dict(schema),
-            skip=(*_RESERVED, *roles),
+            skip=(*_RESERVED, *roles, *text_roles),
             allow_missing=allow_missing_clinical or require_columns, source="the manifest",
         )
         if require_columns:
@@ -142,6 +152,21 @@ def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequen
                     f"Line {line}, column `{role}`: the path does not exist (paths are "
                     "relative to the manifest's folder).")
             paths[role] = target
+        notes: dict[str, str | Path | None] = {}
+        for role in text_roles:
+            cell = raw.get(role) or ""
+            if not cell.strip():
+                notes[role] = None
+            elif _names_note_file(cell):
+                target = Path(cell.strip())
+                target = target if target.is_absolute() else base / target
+                if not target.is_file():
+                    raise manifest_error(
+                        f"Line {line}, column `{role}`: the cell names a {NOTE_SUFFIX} note file "
+                        "that does not exist (paths are relative to the manifest's folder).")
+                notes[role] = target
+            else:
+                notes[role] = cell
         clinical_row: dict[str, Any] | None = None
         clinical_error: str | None = None
         if match is not None:
@@ -158,5 +183,11 @@ def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequen
                     clinical_error = clinical_error or exc.message
         rows.append(ManifestRow(line, study_id, label, patient, split_raw or None, paths,
                                 clinical_row, clinical_error,
-                                match.absent if match is not None else ()))
+                                match.absent if match is not None else (), notes))
     return rows
+
+
+def _names_note_file(cell: str) -> bool:
+    """A note cell that names a file: one line ending in ``.txt`` (any case)."""
+    text = cell.strip()
+    return "\n" not in text and "\r" not in text and text.lower().endswith(NOTE_SUFFIX)

@@ -47,6 +47,7 @@ import numpy as np
 from medfusion.errors import MedfusionError, NoImagesError, UnsupportedInputError
 from medfusion.io.dicom import load_series, scan_dicom
 from medfusion.io.nifti import is_nifti_name, load_nifti
+from medfusion.io.notes import NOTE_EMPTY, note_file, read_note
 from medfusion.io.walk import OK, link_loop_error, walk_files
 from medfusion.keys import pseudonym
 from medfusion.types import Finding, Study, Volume
@@ -353,12 +354,16 @@ def load_study(
     *,
     strict: bool = False,
     roles: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> Study:
     """Load every role of the study in ``folder`` (see the module docstring for the rules).
 
     ``clinical`` is stored as the study's clinical record (a copy; validate it with
     :func:`medfusion.io.clinical.validate_record` when you have a schema). ``roles`` maps
     role names to DICOM modalities, replacing the default ``ct``/``mr``/``xray``.
+    ``notes`` names text roles: ``<role>.txt`` directly in the folder is that role's note
+    (:mod:`medfusion.io.notes`: UTF-8, at most ``MAX_NOTE_BYTES``; an empty one is missing,
+    with a ``NOTE_EMPTY`` finding); a study with a note and no image is valid.
     Raises :class:`~medfusion.errors.MedfusionError` subclasses only.
     """
     plan = plan_study(folder, roles=roles)
@@ -412,7 +417,20 @@ def load_study(
         for finding in vol.issues:
             issues.append(Finding(finding.code, finding.message,
                                   {**dict(finding.details), "role": role}))
-    if not volumes:
+    texts: dict[str, str] = {}
+    note_paths: set[str] = set()
+    for role in notes:
+        path = note_file(plan.folder, role)
+        if path is None:
+            continue
+        note_paths.add(os.path.realpath(path))
+        text = read_note(path, role)
+        if text is None:
+            issues.append(Finding(NOTE_EMPTY, f"the `{role}` note is empty; the text modality "
+                                  "is missing for this study.", {"role": role}))
+        else:
+            texts[role] = text
+    if not volumes and not note_paths:  # an empty note still says the study was given
         raise NoImagesError(
             "no usable image in this study folder (no CT, MR or radiograph DICOM series and "
             "no NIfTI named for a role such as ct.nii.gz); check the folder or pass roles=."
@@ -433,10 +451,11 @@ def load_study(
             "loop) and were skipped; remove or fix them.",
             {"count": n_loops},
         ))
-    n_skipped = len(plan.skipped) + len(plan.dicom_skipped) - n_loops
+    skipped = [(p, r) for p, r in plan.skipped if os.path.realpath(p) not in note_paths]
+    n_skipped = len(skipped) + len(plan.dicom_skipped) - n_loops
     if n_skipped:
         reasons: dict[str, int] = {}
-        for _, reason in plan.skipped:
+        for _, reason in skipped:
             if reason == "SYMLINK_LOOP":
                 continue
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -450,5 +469,6 @@ def load_study(
         volumes=volumes,
         clinical=None if clinical is None else dict(clinical),
         issues=tuple(issues),
+        notes=texts,
     )
 

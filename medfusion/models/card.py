@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from medfusion.errors import MedfusionError, ModelPackageError
@@ -74,6 +74,9 @@ class ModelCard(Mapping[str, Any]):
     calibration: dict[str, Any] | None
     input_domain: dict[str, Any] | None
     data: dict[str, Any]
+    #: text role -> its note tokenizer (``NoteTokenizer.to_dict``: the fitted vocabulary as
+    #: the tokenizers library's JSON, ``min_patients`` k); empty without text roles
+    text: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, require_format: bool = True) -> ModelCard:
@@ -104,6 +107,7 @@ class ModelCard(Mapping[str, Any]):
                     schema={str(k): dict(v) for k, v in clinical_raw["schema"].items()},
                     preprocessor=dict(clinical_raw["preprocessor"]))
             recipe = dict(data.get("recipe") or {})
+            text = {str(r): dict(d) for r, d in (data.get("text") or {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelPackageError(
                 f"model.json is incomplete or malformed ({type(exc).__name__}: {exc}); "
@@ -114,7 +118,11 @@ class ModelCard(Mapping[str, Any]):
         if set(role_specs) != set(net.roles) or not members:
             raise ModelPackageError("model.json roles and preprocessing specs disagree; "
                                     "re-train the model.")
+        if set(text) != set(net.texts):
+            raise ModelPackageError("model.json text roles and note tokenizers disagree; "
+                                    "re-train the model.")
         return cls(
+            text=text,
             format_version=version, labels=labels, net=net, role_specs=role_specs,
             members=members, clinical=clinical, recipe=recipe,
             calibration=data.get("calibration") or None,
@@ -126,6 +134,11 @@ class ModelCard(Mapping[str, Any]):
     @property
     def roles(self) -> tuple[str, ...]:
         return tuple(self.net.roles)
+
+    @property
+    def text_roles(self) -> tuple[str, ...]:
+        """The text (note) roles, sorted."""
+        return tuple(self.net.texts)
 
     @property
     def modalities(self) -> tuple[str, ...]:

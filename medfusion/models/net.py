@@ -3,14 +3,18 @@
 Data flow (B = batch, M = number of modalities, E = ``embed_dim``)::
 
     images[role] (B, 1, I, J, K) --encoder[role]--> LayerNorm --> v_role (B, E)
+    images[text] (B, L) token ids --encoder[text]--> LayerNorm --> v_text (B, E)
     clinical (B, n_clinical)     --MLP-----------> LayerNorm --> v_clinical (B, E)
     stack -> embeddings (B, M, E) --head(embeddings, present)--> logits (B, n_classes)
 
-``modalities`` is the sorted imaging roles, then ``"clinical"`` when ``n_clinical > 0``;
-``present`` (B, M) bool follows that order. An encoder only ever sees the samples in which
-its modality is present: absent inputs may be anything (zeros) and are never read, and their
-embedding is zero. ``forward == head(encode(...), present)`` in eval mode; in training mode
-``forward`` first applies modality dropout (never dropping every modality of a sample).
+``modalities`` is the sorted imaging roles, then the sorted text roles (free-text notes,
+:mod:`medfusion.models.text`), then ``"clinical"`` when ``n_clinical > 0``; ``present``
+(B, M) bool follows that order. A text role's input travels in the same mapping as the
+images, as ``(B, max_tokens)`` token ids (float32, ``[PAD]`` = 0). An encoder only ever
+sees the samples in which its modality is present: absent inputs may be anything (zeros)
+and are never read, and their embedding is zero. ``forward == head(encode(...), present)``
+in eval mode; in training mode ``forward`` first applies modality dropout (never dropping
+every modality of a sample).
 
 The per-modality LayerNorm puts every modality's embedding on a common scale, which the
 attention scores, the gates and the kernel SVM all compare across modalities.
@@ -41,6 +45,12 @@ from medfusion.models.registry import (
     MIN_GRID,
     build_encoder,
     get_fusion_head,
+)
+from medfusion.models.text import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEXT_ENCODER,
+    TEXT_ENCODERS,
+    build_text_encoder,
 )
 
 CLINICAL = "clinical"
@@ -130,6 +140,36 @@ class RoleNetConfig:
         )
 
 
+@dataclass(frozen=True)
+class TextNetConfig:
+    """How one text role is encoded: the text encoder, the tokenizer's vocabulary size and
+    the number of token ids per note (``max_tokens``)."""
+
+    encoder: str = DEFAULT_TEXT_ENCODER
+    vocab_size: int = 2
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.encoder not in TEXT_ENCODERS:
+            raise RecipeError(f"unknown text encoder {self.encoder!r}; choose one of: "
+                              f"{', '.join(sorted(TEXT_ENCODERS))}")
+        if int(self.vocab_size) < 2 or int(self.max_tokens) < 1:
+            raise RecipeError(f"a text role needs vocab_size >= 2 and max_tokens >= 1, got "
+                              f"{self.vocab_size}, {self.max_tokens}")
+        object.__setattr__(self, "vocab_size", int(self.vocab_size))
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "vocab_size": self.vocab_size,
+                "max_tokens": self.max_tokens}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TextNetConfig:
+        return cls(encoder=str(d.get("encoder", DEFAULT_TEXT_ENCODER)),
+                   vocab_size=int(d.get("vocab_size", 2)),
+                   max_tokens=int(d.get("max_tokens", DEFAULT_MAX_TOKENS)))
+
+
 @dataclass(frozen=True, kw_only=True)
 class NetConfig:
     """Everything needed to rebuild a :class:`FusionNet` (stored in the model card)."""
@@ -141,8 +181,17 @@ class NetConfig:
     embed_dim: int = 64
     dropout: float = 0.2
     modality_dropout: float = 0.2
+    #: text role -> TextNetConfig (free-text notes); empty for image/clinical models
+    texts: Mapping[str, TextNetConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        texts = {}
+        for name, cfg in dict(self.texts).items():
+            if not isinstance(name, str) or not name or name == CLINICAL or name in self.roles:
+                raise RecipeError(f"text role names must be non-empty, not {CLINICAL!r} and "
+                                  f"not an imaging role, got {name!r}")
+            texts[name] = cfg if isinstance(cfg, TextNetConfig) else TextNetConfig.from_dict(cfg)
+        object.__setattr__(self, "texts", dict(sorted(texts.items())))
         roles = {}
         for name, cfg in dict(self.roles).items():
             if not isinstance(name, str) or not name or name == CLINICAL:
@@ -153,8 +202,9 @@ class NetConfig:
         object.__setattr__(self, "roles", dict(sorted(roles.items())))
         if int(self.n_clinical) < 0:
             raise RecipeError(f"n_clinical must be >= 0, got {self.n_clinical}")
-        if not roles and int(self.n_clinical) == 0:
-            raise RecipeError("a model needs at least one imaging role or clinical features")
+        if not roles and not texts and int(self.n_clinical) == 0:
+            raise RecipeError("a model needs at least one imaging or text role or clinical "
+                              "features")
         if int(self.n_classes) < 2:
             raise RecipeError(f"n_classes must be at least 2, got {self.n_classes}")
         if self.fusion not in FUSION_HEADS:
@@ -173,12 +223,16 @@ class NetConfig:
 
     @property
     def modalities(self) -> list[str]:
-        """Imaging roles in sorted order, then ``"clinical"`` when there are clinical features."""
-        return [*self.roles, *([CLINICAL] if self.n_clinical > 0 else [])]
+        """Imaging roles in sorted order, then text roles in sorted order, then
+        ``"clinical"`` when there are clinical features."""
+        return [*self.roles, *self.texts, *([CLINICAL] if self.n_clinical > 0 else [])]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["roles"] = {k: v.to_dict() for k, v in self.roles.items()}
+        d["texts"] = {k: v.to_dict() for k, v in self.texts.items()}
+        if not self.texts:
+            d.pop("texts")  # cards of models without notes stay as they were
         return d
 
     @classmethod
@@ -194,7 +248,11 @@ class NetConfig:
         roles = d.get("roles", {}) or {}
         if not isinstance(roles, Mapping):
             raise RecipeError("network config 'roles' must map role names to settings")
+        texts = d.get("texts", {}) or {}
+        if not isinstance(texts, Mapping):
+            raise RecipeError("network config 'texts' must map text roles to settings")
         return cls(
+            texts={str(k): TextNetConfig.from_dict(v) for k, v in texts.items()},
             roles={str(k): RoleNetConfig.from_dict(v) for k, v in roles.items()},
             n_clinical=int(d.get("n_clinical", 0)),
             n_classes=int(d["n_classes"]),
@@ -238,6 +296,9 @@ class FusionNet(nn.Module):
                 for role, rc in config.roles.items()
             }
         )
+        for role, tc in config.texts.items():
+            self.encoders[role] = build_text_encoder(tc.encoder, vocab_size=tc.vocab_size,
+                                                     embed_dim=e)
         self.clinical_encoder: nn.Module | None = None
         if config.n_clinical > 0:
             hidden = max(32, e)
@@ -272,7 +333,7 @@ class FusionNet(nn.Module):
                 break
         if batch is None:
             raise ModalityMismatchError("no inputs given: pass at least one modality")
-        cols = [images.get(r) is not None for r in self.config.roles]
+        cols = [images.get(r) is not None for r in [*self.config.roles, *self.config.texts]]
         if self.config.n_clinical > 0:
             cols.append(clinical is not None)
         return torch.tensor(cols, dtype=torch.bool).unsqueeze(0).expand(batch, -1).clone()
@@ -299,6 +360,9 @@ class FusionNet(nn.Module):
         images = {
             r: torch.zeros(batch_size, 1, *rc.grid) for r, rc in self.config.roles.items()
         }
+        for r, tc in self.config.texts.items():
+            images[r] = torch.zeros(batch_size, tc.max_tokens)
+            images[r][:, 0] = 1.0  # one [UNK] token: a note must have at least one
         clinical = (
             torch.zeros(batch_size, self.config.n_clinical) if self.config.n_clinical else None
         )
@@ -350,6 +414,19 @@ class FusionNet(nn.Module):
                     )
             if x is not None and rc.standardizes:
                 x = (x - rc.input_shift) * (1.0 / rc.input_scale)
+            cols.append(self._encode_part(role, self.encoders[role], x, idx, batch))
+        for role, tc in self.config.texts.items():
+            i = len(cols)
+            idx = torch.nonzero(present[:, i]).squeeze(1)
+            x = images.get(role)
+            if idx.numel() > 0:
+                if x is None:
+                    raise ModalityMismatchError(
+                        f"text role {role!r} is marked present but no token ids were given")
+                if tuple(x.shape) != (batch, tc.max_tokens):
+                    raise ModalityMismatchError(
+                        f"text role {role!r} must be token ids shaped "
+                        f"{(batch, tc.max_tokens)}, got {tuple(x.shape)}")
             cols.append(self._encode_part(role, self.encoders[role], x, idx, batch))
         if self.clinical_encoder is not None:
             idx = torch.nonzero(present[:, -1]).squeeze(1)
@@ -452,7 +529,8 @@ def tta_variants(images: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]
     variants = []
     for axes in itertools.chain.from_iterable(
             itertools.combinations((2, 3, 4), k) for k in range(4)):
+        # token ids of a text role (N, L) are never flipped
         variants.append({r: np.flip(a, axis=[ax for ax in axes if a.shape[ax] > 1])
-                         if any(a.shape[ax] > 1 for ax in axes) else a
+                         if a.ndim == 5 and any(a.shape[ax] > 1 for ax in axes) else a
                          for r, a in images.items()})
     return variants

@@ -38,6 +38,7 @@ from medfusion.errors import (
 from medfusion.explain.api import DEFAULT_CAM_METHOD
 from medfusion.explain.dicom import card_digest
 from medfusion.inference import FusionModel, PreparedInputs
+from medfusion.io.notes import note_file
 from medfusion.io.study import load_study
 from medfusion.scoring.discovery import StudyRef, input_digest, study_files
 from medfusion.stages import collect
@@ -50,6 +51,7 @@ class Scorer(Protocol):
 
     labels: Sequence[str]
     roles: Sequence[str]  # imaging roles (saliency columns)
+    text_roles: Sequence[str]  # note roles: ``<role>.txt`` in a study folder
     modalities: Sequence[str]  # roles plus e.g. "clinical" (modality-weight columns)
 
     def prepare(self, study: Study, *, explain: bool) -> Any:
@@ -89,6 +91,7 @@ class FusionModelScorer:
         self.model_dir = model_dir
         self.labels = tuple(model.labels)
         self.roles = tuple(model.roles)
+        self.text_roles = tuple(model.text_roles)
         self.modalities = tuple(model.modalities)
 
     @classmethod
@@ -163,6 +166,7 @@ class FusionModelScorer:
             "file_sha256": files,
             "labels": list(self.labels),
             "roles": list(self.roles),
+            **({"text_roles": list(self.text_roles)} if self.text_roles else {}),
             "modalities": list(self.modalities),
             "recipe": card.get("recipe"),
         }
@@ -385,11 +389,16 @@ def prepare_task(
     seconds: dict[str, float] = {}
     try:
         files, skipped, unsafe = study_files(ref)
+        # The notes of the model's text roles are inputs too (resume must see an edit).
+        notes = [] if ref.folder is None else [
+            os.fspath(p) for r in scorer.text_roles if (p := note_file(ref.folder, r))]
+        files, skipped = files + notes, max(0, skipped - len(notes))
         out.update(n_files=len(files), skipped_files=skipped, unsafe_links=unsafe)
         out["digest"] = input_digest(files, ref.folder or ref.root)
         if not files:
             raise NoImagesError(
-                "no DICOM or NIfTI file in this study folder; add images or remove the folder"
+                "no DICOM or NIfTI file (or note of the model) in this study folder; add "
+                "inputs or remove the folder"
             )
         stage = "load"
         with quiet_libraries(), tempfile.TemporaryDirectory(prefix="mf-") as tmp, \
@@ -397,7 +406,8 @@ def prepare_task(
             # A study folder goes to the loader as it is (it skips links leaving the folder
             # too); a loose group of files gets a private folder of its own.
             folder = ref.folder if ref.folder else _mirror(ref, files, tmp)
-            study = load_study(folder, clinical=dict(clinical) if clinical else None)
+            study = load_study(folder, clinical=dict(clinical) if clinical else None,
+                               notes=scorer.text_roles)
             if any(f.code == "MULTIPLE_STUDIES" for f in study.issues):
                 # Two patients or visits in one folder: scoring the mix would be wrong.
                 raise MixedSeriesError(

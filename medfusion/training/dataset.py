@@ -8,6 +8,11 @@ inputs and spec skips the expensive part.
 
 A study whose file fails to load or preprocess is skipped with a PHI-free warning (its CSV
 line and the error code) and counted: one bad row never stops a training run.
+
+Notes (text roles) are read here (``medfusion.io.notes``: size checked before reading,
+UTF-8 only; a note that fails skips its row like an image that fails) and kept in memory
+only: they are tokenized by the trainer once the vocabulary is fitted on the training split,
+and never cached on disk.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from medfusion import __version__
 from medfusion.atomic import atomic_open
 from medfusion.errors import MedfusionError
+from medfusion.io.notes import resolve_note
 from medfusion.io.volume import load_volume
 from medfusion.models.clinical import clinical_present
 from medfusion.preprocess import prepare_volume, to_tensor_input
@@ -155,6 +161,8 @@ class PreparedDataset:
     skipped: dict[str, int] = field(default_factory=dict)
     #: ``quantities[role][i]``: acquisition quantities of row i's input (None when absent)
     quantities: dict[str, list[dict[str, float] | None]] = field(default_factory=dict)
+    #: ``notes[text_role][i]``: row i's note text (None when missing); in memory only
+    notes: dict[str, list[str | None]] = field(default_factory=dict, repr=False)
 
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
@@ -172,20 +180,25 @@ def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Re
         role: [] for role in recipe.roles}
     present: list[list[bool]] = []
     skipped: dict[str, int] = {}
+    per_text: dict[str, list[str | None]] = {role: [] for role in recipe.text_roles}
     for n, (row, split) in enumerate(zip(rows, splits, strict=False)):
         tensors: dict[str, np.ndarray | None] = {}
         quantities: dict[str, dict[str, float] | None] = {}
+        notes: dict[str, str | None] = {}
         try:
             for role in recipe.roles:
                 path = row.paths.get(role)
                 tensors[role], quantities[role] = (
                     (None, None) if path is None else prepare_input(path, specs[role], cache))
+            for role in recipe.text_roles:
+                notes[role] = resolve_note(row.notes.get(role), role)
         except MedfusionError as exc:
             log.warning("skipping manifest line %d: %s input failed (%s)", row.line, role,
                         exc.code)
             skipped[exc.code] = skipped.get(exc.code, 0) + 1
             continue
         mask = [tensors[r] is not None for r in recipe.roles]
+        mask += [notes[r] is not None for r in recipe.text_roles]
         if recipe.clinical:
             mask.append(clinical_present(row.clinical, list(recipe.clinical)))
         if not any(mask):
@@ -198,6 +211,8 @@ def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Re
         for role in recipe.roles:
             per_role[role].append(tensors[role])
             per_role_quantities[role].append(quantities[role])
+        for role in recipe.text_roles:
+            per_text[role].append(notes[role])
         if on_progress is not None:
             on_progress(n + 1, len(rows))
     images: dict[str, np.ndarray] = {}
@@ -213,7 +228,7 @@ def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Re
                 stack[i] = t
         images[role] = stack
     labels = np.array([-1 if r.label is None else r.label for r in kept_rows], dtype=np.int64)
-    n_mod = len(recipe.roles) + (1 if recipe.clinical else 0)
+    n_mod = len(recipe.roles) + len(recipe.text_roles) + (1 if recipe.clinical else 0)
     return PreparedDataset(
         rows=kept_rows,
         splits=kept_splits,
@@ -223,4 +238,5 @@ def build_dataset(rows: Sequence[ManifestRow], splits: Sequence[str], recipe: Re
         clinical_rows=[dict(r.clinical or {}) for r in kept_rows],
         skipped=skipped,
         quantities=per_role_quantities,
+        notes=per_text,
     )

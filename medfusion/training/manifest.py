@@ -26,7 +26,8 @@ def read_manifest(path: str | Path, recipe: Recipe, *, require_labels: bool = Tr
     return read_manifest_rows(
         path, roles=recipe.roles, labels=recipe.labels, clinical=recipe.clinical or None,
         require_labels=require_labels, require_columns=require_columns,
-        allow_missing_clinical=allow_missing_clinical, bad_clinical=bad_clinical)
+        allow_missing_clinical=allow_missing_clinical, bad_clinical=bad_clinical,
+        text_roles=recipe.text_roles)
 
 
 def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int

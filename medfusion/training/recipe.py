@@ -9,6 +9,8 @@ The contract (every other key has a default that trains well on 2 CPU cores)::
       age: {type: numeric}
       sex: {type: categorical}
     fusion: attention                   # attention | gated | concat | late | kernel
+    text:                               # free-text note roles -> options (docs/text.md)
+      history: {}
 
 Components are named from the model registry only (``encoder: smallcnn``), never by import
 path; unknown keys, YAML python tags and unknown component names raise :class:`RecipeError`.
@@ -27,6 +29,12 @@ import yaml
 from medfusion.errors import MedfusionError, RecipeError
 from medfusion.io.clinical import ClinicalSchema
 from medfusion.models import registry
+from medfusion.models.text import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_PATIENTS,
+    DEFAULT_TEXT_ENCODER,
+    TEXT_ENCODERS,
+)
 from medfusion.preprocess import RoleSpec
 
 NORMALIZATIONS = ("ct", "mr", "xray", "none", "auto")
@@ -43,9 +51,11 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
 _OTHER_ROLE_DEFAULT: dict[str, Any] = {"grid": (32, 32, 32), "normalization": "auto"}
 
 _MODALITY_KEYS = {"encoder", "grid", "spacing", "normalization", "ct_window", "fit"}
+_TEXT_KEYS = {"encoder", "max_tokens", "min_patients"}
 _TOP_KEYS = {
     "labels",
     "modalities",
+    "text",
     "clinical",
     "fusion",
     "encoder",
@@ -107,6 +117,21 @@ class ModalityOptions:
 
 
 @dataclass(frozen=True)
+class TextOptions:
+    """Options of one text (note) role: its encoder, how many tokens of a note are read
+    (the first ones), and k, the number of distinct patients whose notes must hold a word
+    for the fitted vocabulary to keep it (the ``gru`` encoder's privacy rule)."""
+
+    encoder: str = DEFAULT_TEXT_ENCODER
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    min_patients: int = DEFAULT_MIN_PATIENTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "max_tokens": self.max_tokens,
+                "min_patients": self.min_patients}
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated recipe. Build it with :func:`load_recipe`."""
 
@@ -135,12 +160,23 @@ class Recipe:
     fusion_training: str = "staged"
     calibration_fraction: float = 0.5
     ema_epochs: float = 2.0
+    text: Mapping[str, TextOptions] = field(default_factory=dict)
     source: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def roles(self) -> tuple[str, ...]:
         """Imaging roles in sorted order (the network's modality order)."""
         return tuple(sorted(self.modalities))
+
+    @property
+    def text_roles(self) -> tuple[str, ...]:
+        """Text (note) roles in sorted order (after the imaging roles in the network)."""
+        return tuple(sorted(self.text))
+
+    @property
+    def input_roles(self) -> tuple[str, ...]:
+        """Imaging roles, then text roles: every role with an input tensor."""
+        return (*self.roles, *self.text_roles)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults filled in), JSON-serialisable."""
@@ -159,6 +195,9 @@ class Recipe:
             for role, o in sorted(self.modalities.items())
         }
         out["clinical"] = {k: dict(v) for k, v in self.clinical.items()}
+        out["text"] = {role: o.to_dict() for role, o in sorted(self.text.items())}
+        if not self.text:
+            out.pop("text")  # recipes without notes resolve as before
         return out
 
 
@@ -282,6 +321,36 @@ def _modality(role: str, options: Any, default_encoder: str, encoders: tuple[str
     )
 
 
+def _text(raw: Any, taken: set[str]) -> dict[str, TextOptions]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _err("`text` must map note roles (manifest columns) to options, e.g. "
+                   "{history: {}}.")
+    out: dict[str, TextOptions] = {}
+    for role, options in raw.items():
+        role = _role_name(role)
+        if role in taken or role in {"study_id", "label", "patient_id", "split"}:
+            raise _err(f"Text role `{role}` is already an imaging role, a clinical column or a "
+                       "reserved manifest column.")
+        options = {} if options is None else options
+        if not isinstance(options, Mapping):
+            raise _err(f"Options of text role `{role}` must be a mapping (may be {{}}).")
+        unknown = sorted(set(options) - _TEXT_KEYS)
+        if unknown:
+            raise _err(f"Unknown option(s) {unknown} for text role `{role}`; allowed: "
+                       f"{sorted(_TEXT_KEYS)}.")
+        out[role] = TextOptions(
+            encoder=_name(options.get("encoder", DEFAULT_TEXT_ENCODER), f"text.{role}.encoder",
+                          tuple(sorted(TEXT_ENCODERS))),
+            max_tokens=_int(options.get("max_tokens", DEFAULT_MAX_TOKENS),
+                            f"text.{role}.max_tokens", 8, 512),
+            min_patients=_int(options.get("min_patients", DEFAULT_MIN_PATIENTS),
+                              f"text.{role}.min_patients", 2, 10000),
+        )
+    return dict(sorted(out.items()))
+
+
 def _clinical(raw: Any) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
@@ -354,9 +423,10 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         for role, opts in mods_raw.items()
     }
     clinical = _clinical(data.get("clinical"))
-    if not modalities and not clinical:
-        raise _err("A recipe needs at least one imaging role under `modalities` or one "
-                   "column under `clinical`.")
+    text = _text(data.get("text"), {*modalities, *clinical})
+    if not modalities and not clinical and not text:
+        raise _err("A recipe needs at least one imaging role under `modalities`, one note "
+                   "role under `text` or one column under `clinical`.")
 
     val_fraction = _float(data.get("val_fraction", 0.15), "val_fraction", 0.05, 0.5)
     test_fraction = _float(data.get("test_fraction", 0.15), "test_fraction", 0.0, 0.5)
@@ -399,5 +469,6 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         calibration_fraction=_float(data.get("calibration_fraction", 0.5),
                                     "calibration_fraction", 0.0, 0.8),
         ema_epochs=_float(data.get("ema_epochs", 2.0), "ema_epochs", 0.0, 100.0),
+        text=text,
         source=data,
     )

@@ -34,8 +34,16 @@ from medfusion.inference import FusionModel
 from medfusion.models.card import CARD_FORMAT
 from medfusion.models.clinical import ClinicalPreprocessor
 from medfusion.models.kernel import KernelFusionClassifier
-from medfusion.models.net import CLINICAL, FusionNet, NetConfig, RoleNetConfig, run_net
+from medfusion.models.net import (
+    CLINICAL,
+    FusionNet,
+    NetConfig,
+    RoleNetConfig,
+    TextNetConfig,
+    run_net,
+)
 from medfusion.models.package import save_package
+from medfusion.models.text import NoteTokenizer
 from medfusion.seeding import seed_everything
 from medfusion.training.dataset import PreparedCache, PreparedDataset, build_dataset
 from medfusion.training.manifest import assign_splits, grouped_holdout, read_manifest
@@ -128,6 +136,9 @@ def _augment(images: dict[str, torch.Tensor], gen: torch.Generator, mode: str
     orientation-free shape data such as segmentation masks."""
     out = {}
     for role, x in images.items():
+        if x.ndim != 5:  # a text role's token ids are not augmented
+            out[role] = x
+            continue
         for dim in (2, 3, 4):
             if x.shape[dim] == 1:
                 continue
@@ -553,6 +564,38 @@ def _fit_joint(net: torch.nn.Module, data: PreparedDataset, clinical: np.ndarray
     return {"best_epoch": best["epoch"], "val_auroc": best["val_auroc"]}
 
 
+def fit_note_tokenizers(data: PreparedDataset, rec: Recipe, train_idx: np.ndarray
+                        ) -> dict[str, NoteTokenizer]:
+    """Fit each text role's tokenizer on the training split's notes (grouped by patient:
+    a word enters the vocabulary only when the notes of ``min_patients`` distinct patients
+    hold it; ``minilm`` brings its own) and put every row's token ids, (N, max_tokens)
+    float32, into ``data.images[role]``. The notes themselves stay in memory."""
+    out: dict[str, NoteTokenizer] = {}
+    for role, opts in rec.text.items():
+        notes = data.notes[role]
+        if opts.encoder == "minilm":
+            tokenizer = NoteTokenizer.minilm(opts.max_tokens)
+        else:
+            rows = [i for i in train_idx if notes[i] is not None]
+            if not rows:
+                raise ManifestError(f"No training study has a `{role}` note: the text role "
+                                    "cannot be fitted. Fill the column or drop the role.")
+            tokenizer = NoteTokenizer.fit([notes[i] for i in rows],  # type: ignore[misc]
+                                          [data.rows[i].patient_id for i in rows],
+                                          min_patients=opts.min_patients,
+                                          max_tokens=opts.max_tokens)
+            log.info("text role %s: %d words kept (each in the notes of at least %d of %d "
+                     "training patients)", role, tokenizer.vocab_size - 2, opts.min_patients,
+                     tokenizer.n_patients)
+        ids = np.zeros((len(notes), tokenizer.max_tokens), dtype=np.float32)
+        for i, text in enumerate(notes):
+            if text is not None:
+                ids[i] = tokenizer.encode(text)
+        data.images[role] = ids
+        out[role] = tokenizer
+    return out
+
+
 def input_standardization(images: np.ndarray, present: np.ndarray, train_idx: np.ndarray
                           ) -> dict[str, float]:
     """``input_shift`` / ``input_scale`` for one imaging role (``images`` (N, 1, *grid),
@@ -651,6 +694,8 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
         log.warning("skipped %d studies that failed to load: %s",
                     sum(data.skipped.values()), dict(sorted(data.skipped.items())))
 
+    tokenizers = fit_note_tokenizers(data, rec, train_idx)
+
     seed_everything(seed)
     preproc = None
     clinical = None
@@ -671,6 +716,9 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
         embed_dim=rec.embed_dim,
         dropout=rec.dropout,
         modality_dropout=rec.modality_dropout,
+        texts={r: TextNetConfig(encoder=o.encoder, vocab_size=tokenizers[r].vocab_size,
+                                max_tokens=o.max_tokens)
+               for r, o in rec.text.items()},
     )
     deadline = None if rec.max_minutes is None else started + 60.0 * rec.max_minutes
     tensors: dict[str, torch.Tensor] = {}
@@ -729,6 +777,7 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
             "modalities": list(config.modalities),
             "net": config.to_dict(),
             "role_specs": {r: o.role_spec().to_dict() for r, o in rec.modalities.items()},
+            "text": {r: t.to_dict() for r, t in tokenizers.items()},
             "clinical": None if preproc is None else {
                 "schema": {k: dict(v) for k, v in rec.clinical.items()},
                 "preprocessor": preproc.to_dict(),
