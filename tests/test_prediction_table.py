@@ -85,3 +85,14 @@ def test_a_newer_package_is_refused_by_name(tmp_path: Path) -> None:
         FusionModel.load(newer)
     loaded = FusionModel.load(MODEL)
     assert loaded.card.format_version == 1 and loaded.card["format"] == CARD_FORMAT
+
+
+def test_floats_keep_confident_probabilities_apart() -> None:
+    # Fixed 6 decimals made every p below 5e-7 the same "0.000000": a report reading the
+    # CSV then ranked a confident model's studies as ties.
+    from medfusion.inference.table import fmt_float
+
+    cells = [fmt_float(p) for p in (1e-9, 2e-8, 3e-7, 1 - 1e-7, 1 - 1e-8)]
+    assert len(set(cells)) == 5
+    assert [float(c) for c in cells] == sorted(float(c) for c in cells)
+    assert fmt_float(-0.0) == "0" and fmt_float(float("nan")) == "" and fmt_float(None) == ""

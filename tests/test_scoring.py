@@ -76,7 +76,7 @@ def test_scores_csv_contract_and_audit_trail(clean: Path, cohort, model_dir: Pat
     for row in rows:
         assert row["status"] == "scored"
         probs = [row["prob_normal"], row["prob_abnormal"]]
-        assert all(re.fullmatch(r"[01]\.\d{6}", p) for p in probs)
+        assert all(0.0 <= float(p) <= 1.0 and len(p) <= 15 for p in probs)  # %.9g
         assert abs(sum(float(p) for p in probs) - 1.0) < 2e-6
         assert row["predicted"] == ("normal" if probs[0] >= probs[1] else "abnormal")
         assert row["modalities_used"] == "ct|mr|clinical"

@@ -54,7 +54,7 @@ def write_batch(
     logits = rng.normal(0, 1, (n, k))
     logits[np.arange(n), y] += strength
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    probs = np.round(probs, 6)  # what the batch's %.6f format keeps
+    probs = np.round(probs, 6)  # 6 decimals, as older batches wrote them
     ids = [f"{id_prefix}{i:08x}" for i in range(n)]
     header = ["study_id", "status", "predicted", *[f"prob_{lab}" for lab in labels],
               *[f"raw_prob_{lab}" for lab in labels], "entropy", "mutual_info",
