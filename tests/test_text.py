@@ -285,7 +285,7 @@ def test_minilm_encoder_is_frozen_offline_and_not_packaged(tmp_path: Path,
     card = json.loads((model_dir / "model.json").read_text())
     assert card["text"]["history"] == {"kind": "minilm", "max_tokens": 32,
                                        "vocab_size": 30522}
-    assert (model_dir / "weights.safetensors").stat().st_size < 200_000  # projection only
+    assert (model_dir / "weights.safetensors").stat().st_size < 1_000_000  # MiniLM itself: ~90 MB
     model = mf.FusionModel.load(model_dir)
     pred = model.predict(mf.Study(key="st-a", notes={"history": "Complains of cough."}))
     assert pred.modalities_used == ("history",)

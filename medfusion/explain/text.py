@@ -5,7 +5,8 @@ are offered through the Python API only and never written by ``predict``, ``scor
 ``report``: handle the result as the note itself.
 
 Integrated gradients (captum ``LayerIntegratedGradients``) on the ``gru`` encoder's token
-embeddings, from the all-``[PAD]`` baseline (the zero embedding) to the note, of the
+embeddings, from a baseline note of the same length made of ``[UNK]`` tokens (what the model
+sees for words it does not know) to the note, of the
 logit of class ``target`` divided by the calibration temperature, with every other input
 of the study held fixed; averaged over the ensemble members. The attributions of one member
 sum to the change of that logit from the baseline (completeness; captum's convergence delta
@@ -23,7 +24,7 @@ import torch
 
 from medfusion.errors import ExplanationError
 from medfusion.models.protocol import TrainedModel, temperature_of
-from medfusion.models.text import GRUTextEncoder, NoteTokenizer
+from medfusion.models.text import UNK, GRUTextEncoder, NoteTokenizer
 
 
 class PreparedNote(Protocol):
@@ -67,6 +68,7 @@ def token_attributions(model: TrainedModel, prepared: PreparedNote, role: str,
     ids = np.asarray(prepared.tensors[role], dtype=np.float32)
     length = int(np.max(np.nonzero(ids)[0], initial=-1)) + 1
     tokens = tuple(str(tokenizer.tokenizer.id_to_token(int(i))) for i in ids[:length])
+    unk = tokenizer.tokenizer.token_to_id(UNK)
     temperature = temperature_of(model)
     runs, deltas = [], []
     for net in model.nets:
@@ -94,7 +96,11 @@ def token_attributions(model: TrainedModel, prepared: PreparedNote, role: str,
         try:
             x = torch.from_numpy(ids)[None]
             lig = LayerIntegratedGradients(forward, encoder.embedding)
-            attr, delta = lig.attribute(x, baselines=torch.zeros_like(x), n_steps=n_steps,
+            # An all-[PAD] baseline would be a note of length one to the packed GRU, a
+            # different function from the path's start: completeness then failed by a
+            # constant (0.066 whatever the number of steps). Same length, unknown words:
+            baseline = torch.where(x > 0, torch.full_like(x, float(unk)), torch.zeros_like(x))
+            attr, delta = lig.attribute(x, baselines=baseline, n_steps=n_steps,
                                         return_convergence_delta=True)
         finally:
             net.train(was_training)

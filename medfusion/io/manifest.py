@@ -55,6 +55,16 @@ def manifest_error(message: str) -> ManifestError:
     return ManifestError(message + " See docs/training.md for the manifest contract.")
 
 
+def _existing(base: Path, cell: str, message: str, *, is_file: bool) -> Path:
+    """A manifest path cell resolved against the manifest's folder; ``MANIFEST`` error
+    (``message`` + where paths are relative to) when nothing (no file) is there."""
+    target = Path(cell)
+    target = target if target.is_absolute() else base / target
+    if not (target.is_file() if is_file else target.exists()):
+        raise manifest_error(f"{message} (paths are relative to the manifest's folder).")
+    return target
+
+
 def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequence[str],
                        clinical: Mapping[str, Mapping[str, Any]] | None,
                        require_labels: bool = True, require_columns: bool = True,
@@ -145,26 +155,17 @@ def read_manifest_rows(path: str | Path, *, roles: Sequence[str], labels: Sequen
             if not cell:
                 paths[role] = None
                 continue
-            target = Path(cell)
-            target = target if target.is_absolute() else base / target
-            if not target.exists():
-                raise manifest_error(
-                    f"Line {line}, column `{role}`: the path does not exist (paths are "
-                    "relative to the manifest's folder).")
-            paths[role] = target
+            paths[role] = _existing(base, cell, f"Line {line}, column `{role}`: the path does "
+                                    "not exist", is_file=False)
         notes: dict[str, str | Path | None] = {}
         for role in text_roles:
             cell = raw.get(role) or ""
             if not cell.strip():
                 notes[role] = None
             elif _names_note_file(cell):
-                target = Path(cell.strip())
-                target = target if target.is_absolute() else base / target
-                if not target.is_file():
-                    raise manifest_error(
-                        f"Line {line}, column `{role}`: the cell names a {NOTE_SUFFIX} note file "
-                        "that does not exist (paths are relative to the manifest's folder).")
-                notes[role] = target
+                notes[role] = _existing(
+                    base, cell.strip(), f"Line {line}, column `{role}`: the cell names a "
+                    f"{NOTE_SUFFIX} note file that does not exist", is_file=True)
             else:
                 notes[role] = cell
         clinical_row: dict[str, Any] | None = None

@@ -273,16 +273,21 @@ def _role_name(role: Any) -> str:
     return role
 
 
+def _options(options: Any, what: str, allowed: set[str]) -> Mapping[str, Any]:
+    """The options mapping of one role (None = {}), refusing unknown keys."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise _err(f"Options of {what} must be a mapping (may be {{}}).")
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise _err(f"Unknown option(s) {unknown} for {what}; allowed: {sorted(allowed)}.")
+    return options
+
+
 def _modality(role: str, options: Any, default_encoder: str, encoders: tuple[str, ...]
               ) -> ModalityOptions:
-    if options is None:
-        options = {}
-    if not isinstance(options, Mapping):
-        raise _err(f"Options of modality `{role}` must be a mapping (may be {{}}).")
-    unknown = sorted(set(options) - _MODALITY_KEYS)
-    if unknown:
-        raise _err(f"Unknown option(s) {unknown} for modality `{role}`; allowed: "
-                   f"{sorted(_MODALITY_KEYS)}.")
+    options = _options(options, f"modality `{role}`", _MODALITY_KEYS)
     base = ROLE_DEFAULTS.get(role, _OTHER_ROLE_DEFAULT)
     grid_raw = options.get("grid", base["grid"])
     if (not isinstance(grid_raw, (list, tuple)) or len(grid_raw) != 3
@@ -333,13 +338,7 @@ def _text(raw: Any, taken: set[str]) -> dict[str, TextOptions]:
         if role in taken or role in {"study_id", "label", "patient_id", "split"}:
             raise _err(f"Text role `{role}` is already an imaging role, a clinical column or a "
                        "reserved manifest column.")
-        options = {} if options is None else options
-        if not isinstance(options, Mapping):
-            raise _err(f"Options of text role `{role}` must be a mapping (may be {{}}).")
-        unknown = sorted(set(options) - _TEXT_KEYS)
-        if unknown:
-            raise _err(f"Unknown option(s) {unknown} for text role `{role}`; allowed: "
-                       f"{sorted(_TEXT_KEYS)}.")
+        options = _options(options, f"text role `{role}`", _TEXT_KEYS)
         out[role] = TextOptions(
             encoder=_name(options.get("encoder", DEFAULT_TEXT_ENCODER), f"text.{role}.encoder",
                           tuple(sorted(TEXT_ENCODERS))),
