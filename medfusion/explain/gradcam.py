@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from medfusion.errors import ExplanationError
+from medfusion.models.net import RoleNetConfig
 
 METHODS = ("gradcam", "gradcampp")
 #: the smallest feature-map extent (per non-unit input axis) accepted as a Grad-CAM layer
@@ -218,11 +219,11 @@ def _temporary_hooks(module: nn.Module) -> Iterator[None]:
 
 
 def checked_request(net: nn.Module, role: str, images: Mapping[str, torch.Tensor | None],
-                    present: torch.Tensor, target: int):  # noqa: ANN201 - (RoleNetConfig, x)
+                    present: torch.Tensor, target: int) -> tuple[RoleNetConfig, torch.Tensor]:
     """The role's config and input tensor for a saliency request, refusing (ExplanationError)
     an unknown role, a role absent from any study of the batch and a target out of range."""
-    rc = role_config(net, role)
-    modalities = list(getattr(net, "modalities", []))
+    rc = role_config(net, role)  # refuses a net without the role before it is indexed
+    modalities = list(net.modalities)
     x = images.get(role)
     if x is None or not bool(torch.as_tensor(present)[:, modalities.index(role)].all()):
         raise ExplanationError(f"role {role!r} is absent from the study; nothing to explain.")
