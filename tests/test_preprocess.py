@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from medfusion.errors import MedfusionError, PreprocessError, RecipeError
@@ -502,3 +503,21 @@ def test_synthetic_lesion_lands_on_its_world_position():
         idx = np.linalg.solve(p.affine, np.r_[subject.lesion_world[role], 1.0])[:3]
         value = p.array[tuple(int(round(x)) for x in idx)]
         assert value >= np.percentile(p.array, 97), role
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 1), (5, 5, 2), (4, 3, 7)])
+def test_box_average_is_the_mean_of_each_window_partial_ones_included(factors):
+    # Both the avg_pool3d path (small boxes) and the slab-by-slab path (large ones), on
+    # a shape that leaves a partial last window along every axis.
+    from medfusion.preprocess.grid import _box_average
+
+    rng = np.random.default_rng(3)
+    arr = rng.normal(size=(23, 17, 15)).astype(np.float32)
+    got = _box_average(torch.from_numpy(arr), factors).numpy()
+    starts = [range(0, n, k) for n, k in zip(arr.shape, factors, strict=True)]
+    assert got.shape == tuple(len(r) for r in starts)
+    for a, i in enumerate(starts[0]):
+        for b, j in enumerate(starts[1]):
+            for c, k in enumerate(starts[2]):
+                window = arr[i:i + factors[0], j:j + factors[1], k:k + factors[2]]
+                assert got[a, b, c] == pytest.approx(float(window.mean()), abs=1e-5)
