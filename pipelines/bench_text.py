@@ -184,7 +184,8 @@ def padchest(args: argparse.Namespace) -> None:
         recipe = work / "recipe.yaml"
         recipe.write_text(json.dumps({
             "labels": labels, "text": {"report": {"max_tokens": args.max_tokens}},
-            "epochs": args.epochs, "patience": 100, "batch_size": 32}), encoding="utf-8")
+            "epochs": args.epochs, "patience": 100, "batch_size": 32,
+            **json.loads(args.recipe_extra)}), encoding="utf-8")
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "medfusion.cli", "train", str(recipe),
                         "--manifest", str(manifest), "--out", str(work / "model"),
@@ -227,6 +228,9 @@ def main() -> None:
     parser.add_argument("--target", default="cardiomegaly",
                         help="a PadChest label (e.g. cardiomegaly) or age70")
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--recipe-extra", default="{}",
+                        help='recipe keys as JSON, merged over the benchmark\'s, e.g. '
+                             '\'{"epochs": 8, "dropout": 0.5}\'')
     args = parser.parse_args()
     if args.part == "synthetic":
         synthetic(args)

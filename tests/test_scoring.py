@@ -97,7 +97,8 @@ def test_scores_csv_contract_and_audit_trail(clean: Path, cohort, model_dir: Pat
     keys = {pseudonym(f"study-00{i}", prefix="st-") for i in range(4)}
     assert set(run["studies"]) == keys
     for entry in run["studies"].values():
-        assert re.fullmatch(r"[0-9a-f]{64}", entry["digest"]) and entry["status"] == "scored"
+        assert re.fullmatch(r"xxh3-128:[0-9a-f]{32}", entry["digest"])
+        assert entry["status"] == "scored"
         timings = entry["timings"]
         assert set(timings) == {"read_s", "decode_s", "preprocess_s", "infer_s"}
         assert timings["decode_s"] > 0 and timings["infer_s"] > 0  # DICOM and NIfTI decoded

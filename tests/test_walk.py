@@ -9,7 +9,7 @@ from pathlib import Path
 from medfusion.io.dicom import iter_files
 from medfusion.io.study import discover_study_files
 from medfusion.io.walk import LINK_OUTSIDE, NOT_REGULAR, OK, SYMLINK_LOOP, walk_files
-from medfusion.scoring.discovery import walk_safe
+from medfusion.scoring.discovery import input_digest, walk_safe
 
 
 def _tree(tmp_path: Path) -> Path:
@@ -58,3 +58,23 @@ def test_every_caller_walks_alike(tmp_path: Path) -> None:
     assert batch == {("a.txt", "ok"), ("c.dcm", "ok"), ("d.dcm", "ok"),
                      ("out_link.dcm", "outside"), ("loop", "broken"),
                      ("dangling.dcm", "broken")}
+
+
+def test_input_digest_follows_names_and_contents_not_order(tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "a.dcm").write_bytes(b"\x00" * 3_000_000 + b"A")  # more than one hashed chunk
+    (study / "b.dcm").write_bytes(b"B")
+    files = [str(study / "a.dcm"), str(study / "b.dcm")]
+    first = input_digest(files, str(study))
+    assert first.startswith("xxh3-128:") and len(first) == len("xxh3-128:") + 32
+    assert input_digest(files[::-1], str(study)) == first  # listing order does not matter
+    (study / "a.dcm").write_bytes(b"\x00" * 3_000_000 + b"a")  # one byte edited at the end
+    edited = input_digest(files, str(study))
+    assert edited != first
+    (study / "a.dcm").rename(study / "c.dcm")  # same bytes, another name
+    renamed = input_digest([str(study / "c.dcm"), str(study / "b.dcm")], str(study))
+    assert renamed not in (first, edited)
+    (study / "d.dcm").write_bytes(b"")  # one more (empty) file
+    grown = input_digest([str(study / p) for p in ("c.dcm", "b.dcm", "d.dcm")], str(study))
+    assert grown not in (first, edited, renamed)

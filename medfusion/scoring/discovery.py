@@ -23,11 +23,12 @@ Nothing here decodes pixels: discovery stays cheap even for 100,000 studies.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import xxhash
 
 from medfusion.errors import NoImagesError, UnsafePathError, UnsupportedInputError
 from medfusion.io.study import link_loop_error
@@ -152,17 +153,25 @@ def study_files(ref: StudyRef) -> tuple[list[str], int, int]:
 
 
 def input_digest(files: list[str], base: str) -> str:
-    """sha256 over the study's files: each file's path relative to ``base`` and the sha256
-    of its contents, in sorted order. Renaming, adding or editing a file changes it."""
-    outer = hashlib.sha256()
+    """``xxh3-128:`` + a 128-bit XXH3 hash over the study's files: each file's path
+    relative to ``base`` and the XXH3-128 of its contents, in sorted order. Renaming, adding
+    or editing a file changes it.
+
+    It identifies inputs for the audit trail; it is not a security seal. XXH3 instead of
+    SHA-256 because hashing every byte is a per-study cost: 100 MB of CT took 0.11 s with
+    SHA-256 and 0.02 s with XXH3 (the file reads included), on one core here."""
+    outer = xxhash.xxh3_128()
     for path in sorted(files, key=lambda p: os.path.relpath(p, base)):
+        inner = xxhash.xxh3_128()
         with open(path, "rb") as handle:
-            inner = hashlib.file_digest(handle, "sha256").hexdigest()
+            while chunk := handle.read(_HASH_CHUNK):
+                inner.update(chunk)
         outer.update(os.path.relpath(path, base).encode("utf-8", "surrogateescape"))
-        outer.update(b"\0" + inner.encode("ascii") + b"\n")
-    return outer.hexdigest()
+        outer.update(b"\0" + inner.hexdigest().encode("ascii") + b"\n")
+    return "xxh3-128:" + outer.hexdigest()
 
 
+_HASH_CHUNK = 1 << 20  # bytes read at a time while hashing
 _IDENTIFIER_TAGS = ["PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber",
                     "PatientBirthDate"]
 _MAX_HEADER_PROBES = 20  # files tried per study before giving up (non-DICOM clutter)
