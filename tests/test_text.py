@@ -342,3 +342,43 @@ def test_load_study_notes(tmp_path: Path) -> None:
     with pytest.raises(mf.MedfusionError) as err:  # without note roles: nothing to load
         mf.load_study(folder)
     assert err.value.code == "NO_IMAGES"
+
+
+def test_feature_shift_covers_the_note(tmp_path: Path) -> None:
+    # The text encoder's observed feature statistics give the note role a feature shift
+    # like an image role's: held-out notes sit near 1 (the validation median), notes made
+    # of known words in a composition no training note had are flagged.
+    cohort = write_note_cohort(tmp_path / "cohort", 120, seed=2, image=False, splits=True)
+    recipe = {"labels": ["normal", "abnormal"], "text": {"history": {}}, "epochs": 4,
+              "batch_size": 8, "ensemble": 1}
+    model = mf.FusionModel.load(mf.train(recipe, cohort.manifest, tmp_path / "model", seed=0,
+                                         progress=False))
+    with cohort.manifest.open(newline="") as handle:
+        test = [r for r in csv.DictReader(handle) if r["split"] == "test" and r["history"]]
+    held_out = [model.predict(mf.Study(key=r["study_id"], notes={
+        "history": (cohort.manifest.parent / r["history"]).read_text(encoding="utf-8")}))
+        for r in test]
+    assert len(held_out) >= 8
+    assert all(p.shift_pvalue is not None for p in held_out)  # a fitted reference
+    assert sum("OUT_OF_DISTRIBUTION" in p.flags for p in held_out) <= 1
+    typical = max(p.feature_shift for p in held_out)
+    for odd in ("practitioner " * 60, "cough " * 60):  # one known word, over and over
+        p = model.predict(mf.Study(key="st-odd", notes={"history": odd}))
+        assert "OUT_OF_DISTRIBUTION" in p.flags and p.feature_shift > 2 * typical
+
+
+def test_feature_statistics_change_nothing_the_encoder_computes() -> None:
+    import torch
+
+    from medfusion.models.text import GRUTextEncoder
+
+    torch.manual_seed(0)
+    encoder = GRUTextEncoder(vocab_size=40, embed_dim=8).train()
+    ids = torch.randint(2, 40, (6, 12)).float()
+    ids[3, 5:] = 0  # a shorter note
+    torch.manual_seed(1)
+    observed = encoder(ids)
+    assert float(encoder.feature_stats.running_mean.abs().sum()) > 0  # it tracked them
+    encoder._observe = lambda _features: None  # the same encoder without the observer
+    torch.manual_seed(1)
+    assert torch.equal(encoder(ids), observed)  # same dropout draws, same output

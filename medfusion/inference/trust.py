@@ -127,6 +127,12 @@ def trust_outputs(
     # per role, the mean over ensemble members; then normalised by the validation reference
     per_role = [{r: float(np.mean([m[r] for m in v])) for r in v[0]} for v in shifts]
     reference = shift_reference
+    if reference is None:
+        # The fixed threshold was set for image features averaged over many cells; a
+        # note's pooled features score about 1 on typical notes, so without a validation
+        # reference only the image roles are scored.
+        text_roles = set(nets[0].config.texts) if nets else set()
+        per_role = [{k: v for k, v in r.items() if k not in text_roles} for r in per_role]
     shift = [reference.score(r) if reference is not None else raw_shift(r) for r in per_role]
     pvalues = None
     if reference is not None:

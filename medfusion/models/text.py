@@ -240,7 +240,33 @@ def _gru_one_thread(gru: nn.GRU, packed: Any) -> Any:
     return out
 
 
-class GRUTextEncoder(nn.Module):
+class _ObservesFeatures(nn.Module):
+    """A text encoder that keeps running statistics of its pooled note features for the
+    feature-shift score (``medfusion.uncertainty.shift``).
+
+    ``feature_stats`` is a BatchNorm layer whose output is discarded, so it changes nothing
+    the encoder computes: while training it tracks the features' mean and variance, and at
+    inference the shift score reads how far a note's features lie from them, exactly as it
+    reads the image encoders' BatchNorm layers. A package trained before the layer existed
+    loads with neutral statistics; its shift reference has no entry for the text role, so
+    that role's shift is not scored."""
+
+    def _init_feature_stats(self, width: int) -> None:
+        self.feature_stats = nn.BatchNorm1d(width, affine=False)
+
+    def _observe(self, features: torch.Tensor) -> None:
+        # A training batch of one has no variance to track (BatchNorm refuses it).
+        if not (self.training and features.shape[0] < 2):
+            self.feature_stats(features.detach())
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        for name, value in self.feature_stats.state_dict().items():
+            state_dict.setdefault(f"{prefix}feature_stats.{name}", value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class GRUTextEncoder(_ObservesFeatures):
     """Embedding + dropout + bidirectional GRU + mean/max pooling over the tokens + linear.
 
     The dropout on the token embeddings (``EMBEDDING_DROPOUT``, training only) keeps the
@@ -259,6 +285,7 @@ class GRUTextEncoder(nn.Module):
         self.embedding_dropout = nn.Dropout(embedding_dropout)
         self.gru = nn.GRU(token_dim, hidden, batch_first=True, bidirectional=True)
         self.proj = nn.Linear(4 * hidden, embed_dim)
+        self._init_feature_stats(4 * hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = _ids(x, self.vocab_size)
@@ -273,7 +300,9 @@ class GRUTextEncoder(nn.Module):
                 < lengths[:, None]).unsqueeze(-1)
         mean = (out * mask).sum(dim=1) / lengths[:, None].to(out.dtype)
         top = out.masked_fill(~mask, float("-inf")).max(dim=1).values
-        return self.proj(torch.cat([mean, top], dim=1))
+        features = torch.cat([mean, top], dim=1)
+        self._observe(features)
+        return self.proj(features)
 
 
 _MINILM_CACHE: dict[str, nn.Module] = {}
@@ -297,7 +326,7 @@ def load_minilm() -> nn.Module:
     return _MINILM_CACHE["model"]
 
 
-class MiniLMTextEncoder(nn.Module):
+class MiniLMTextEncoder(_ObservesFeatures):
     """Frozen all-MiniLM-L6-v2 sentence embedding + a trained linear projection. The
     transformer is held outside the module's parameters: it is neither trained nor saved."""
 
@@ -307,6 +336,7 @@ class MiniLMTextEncoder(nn.Module):
         self.__dict__["_backbone"] = backbone  # not a submodule: no state_dict entries
         self.vocab_size = int(vocab_size)
         self.proj = nn.Linear(MINILM_DIM, embed_dim)
+        self._init_feature_stats(MINILM_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backbone: nn.Module = self.__dict__["_backbone"]
@@ -318,8 +348,9 @@ class MiniLMTextEncoder(nn.Module):
             hidden = backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-            pooled = nn.functional.normalize(pooled, dim=1)
-        return self.proj(pooled.to(self.proj.weight.dtype))
+            pooled = nn.functional.normalize(pooled, dim=1).to(self.proj.weight.dtype)
+        self._observe(pooled)
+        return self.proj(pooled)
 
 
 def _gru(vocab_size: int, embed_dim: int) -> nn.Module:

@@ -1,8 +1,10 @@
 """Feature-statistics shift: is this study unlike the training data?
 
-Every medfusion encoder normalises with BatchNorm, whose running statistics are the
-training data's per-channel mean ``m_c`` and variance ``v_c`` of each layer's input. For one
-study, let ``mu_c`` be the spatial mean of channel ``c`` at that layer and
+Every medfusion image encoder normalises with BatchNorm, whose running statistics are the
+training data's per-channel mean ``m_c`` and variance ``v_c`` of each layer's input; a text
+encoder keeps the same statistics of its pooled note features in a BatchNorm layer of its
+own (``feature_stats``, observed only). For one study, let ``mu_c`` be the spatial mean of
+channel ``c`` at that layer (a note's pooled feature ``c`` itself) and
 ``z_c = (mu_c - m_c) / sqrt(v_c)``: how far the study's average feature lies from the
 training average, in training standard deviations. By the law of total variance
 ``E_train[z_c^2] <= 1``, and for layers with many spatial cells it is far smaller.
@@ -17,7 +19,7 @@ MR-only problem behind the constant CT value.
 **Fitted on validation** (:class:`ShiftReference`, stored in the model card by the trainer),
 because the raw scale depends on the data and the role:
 
-* ``feature_shift`` = max over the study's imaging roles of raw shift / the validation
+* ``feature_shift`` = max over the study's image and text roles of raw shift / the validation
   median of that role: 1 is a typical validation study, 5 means five times as shifted
   (0 for a clinical-only study);
 * ``shift_pvalue`` = (1 + #{validation feature_shift >= s}) / (n + 1): a conformal p-value,
@@ -78,9 +80,12 @@ class _ShiftRecorder:
     def hook_for(self, role: str):  # noqa: ANN201 - a forward hook
         def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
             x = inputs[0]
-            if x.ndim < 3 or module.running_mean is None or module.running_var is None:
+            if x.ndim < 2 or module.running_mean is None or module.running_var is None:
                 return
-            mu = x.detach().double().flatten(2).mean(-1)  # (B, C)
+            # (B, C, *spatial) image features: their spatial mean; (B, C) pooled note
+            # features (a text encoder's statistics layer): the features themselves.
+            mu = x.detach().double()
+            mu = mu.flatten(2).mean(-1) if mu.ndim > 2 else mu  # (B, C)
             z2 = (mu - module.running_mean.double()) ** 2 / (
                 module.running_var.double() + module.eps)
             self.values.setdefault(role, []).append(z2.mean(dim=1))  # (B,)
@@ -106,13 +111,13 @@ def record_shift(encoders: Mapping[str, nn.Module]) -> Iterator[_ShiftRecorder]:
 
 
 def role_shifts_of(recorder: _ShiftRecorder) -> dict[str, float]:
-    """Raw shift per imaging role that ran, from one recorded batch-of-one pass."""
+    """Raw shift per image or text role that ran, from one recorded batch-of-one pass."""
     return {role: float(torch.cat(values).median())
             for role, values in sorted(recorder.values.items()) if values}
 
 
 def raw_shift(role_shifts: Mapping[str, float]) -> float:
-    """A reference-free summary: the largest role's raw shift (0 without imaging roles)."""
+    """A reference-free summary: the largest role's raw shift (0 without image or text roles)."""
     return max(role_shifts.values(), default=0.0)
 
 
@@ -122,7 +127,7 @@ def role_shifts(
     clinical: torch.Tensor | None,
     present: torch.Tensor,
 ) -> list[dict[str, float]]:
-    """Per study, the raw shift of each present imaging role (see module doc)."""
+    """Per study, the raw shift of each present image or text role (see module doc)."""
     present = torch.as_tensor(present).to(torch.bool)
     out = []
     was_training = net.training
@@ -162,7 +167,7 @@ class ShiftReference:
 
     scores: tuple[float, ...]
     alpha: float = DEFAULT_SHIFT_ALPHA
-    #: validation median of each imaging role's raw shift (the unit of ``feature_shift``)
+    #: validation median of each image or text role's raw shift (the unit of ``feature_shift``)
     role_medians: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
