@@ -198,7 +198,7 @@ def padchest(args: argparse.Namespace) -> None:
         _write(test_manifest, test_rows)
         out, _ = _predict(work / "model", test_manifest, work / "pred.csv")
         truth = {r["study_id"]: int(r["label"] == "positive") for r in test_rows}
-        csv_auc = _rows_auroc(out, truth, "positive")  # from the 6-decimal CSV cells
+        csv_auc = _rows_auroc(out, truth, "positive")  # from the predictions CSV cells
         # full precision through the Python API (the CSV rounds confident probabilities to
         # 0.000000 / 1.000000, and such ties lower an AUROC near 1)
         import medfusion as mf
