@@ -210,11 +210,11 @@ def padchest(args: argparse.Namespace) -> None:
         mf_auc = _auroc(np.array([truth[r["study_id"]] for r in test_rows]), np.array(probs))
         card = json.loads((work / "model" / "model.json").read_text(encoding="utf-8"))
         vocab = card["text"]["report"]["vocab_size"]
-    print(f"TF-IDF (1-2 grams) + logistic regression: test AUROC {tfidf_auc:.3f} "
+    print(f"TF-IDF (1-2 grams) + logistic regression: test AUROC {tfidf_auc:.4f} "
           f"(C={best[1]:g}, {tfidf_s:.0f} s)")
-    print(f"medfusion text-only (gru, k=5, vocab {vocab}): test AUROC {mf_auc:.3f} "
-          f"({train_s:.0f} s train; {csv_auc:.3f} from the rounded predictions CSV)")
-    print(f"difference medfusion - TF-IDF: {mf_auc - tfidf_auc:+.3f}")
+    print(f"medfusion text-only (gru, k=5, vocab {vocab}): test AUROC {mf_auc:.4f} "
+          f"({train_s:.0f} s train; {csv_auc:.4f} from the predictions CSV)")
+    print(f"difference medfusion - TF-IDF: {mf_auc - tfidf_auc:+.4f}")
 
 
 def main() -> None:
