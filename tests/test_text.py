@@ -98,8 +98,12 @@ def test_recipe_text_section() -> None:
     rec = load_recipe({**RECIPE, "text": {"history": {"max_tokens": 64, "min_patients": 3}}})
     assert rec.text_roles == ("history",) and rec.text["history"].min_patients == 3
     assert rec.to_dict()["text"]["history"]["encoder"] == "gru"
+    assert rec.text["history"].embedding_dropout == 0.25  # the default
+    tuned = load_recipe({**RECIPE, "text": {"history": {"embedding_dropout": 0.5}}})
+    assert tuned.to_dict()["text"]["history"]["embedding_dropout"] == 0.5
     for bad in ({"history": {"vocab": 5}}, {"marker": {}}, {"history": {"encoder": "bert"}},
-                {"history": {"min_patients": 1}}, ["history"]):
+                {"history": {"min_patients": 1}}, {"history": {"embedding_dropout": 1.5}},
+                ["history"]):
         with pytest.raises(RecipeError):
             load_recipe({**RECIPE, "text": bad})
     assert "text" not in load_recipe({**RECIPE, "text": None}).to_dict()
@@ -382,3 +386,14 @@ def test_feature_statistics_change_nothing_the_encoder_computes() -> None:
     encoder._observe = lambda _features: None  # the same encoder without the observer
     torch.manual_seed(1)
     assert torch.equal(encoder(ids), observed)  # same dropout draws, same output
+
+
+def test_embedding_dropout_reaches_the_encoder_and_old_cards_keep_the_default() -> None:
+    from medfusion.models.net import FusionNet, NetConfig, TextNetConfig
+
+    config = NetConfig(n_classes=2, texts={"history": TextNetConfig(vocab_size=30,
+                                                                    embedding_dropout=0.5)})
+    net = FusionNet(NetConfig.from_dict(json.loads(json.dumps(config.to_dict()))))
+    assert net.encoders["history"].embedding_dropout.p == 0.5
+    # a card written before the option existed
+    assert TextNetConfig.from_dict({"encoder": "gru", "vocab_size": 30}).embedding_dropout == 0.25

@@ -49,6 +49,7 @@ from medfusion.models.registry import (
 from medfusion.models.text import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEXT_ENCODER,
+    EMBEDDING_DROPOUT,
     TEXT_ENCODERS,
     build_text_encoder,
 )
@@ -143,11 +144,13 @@ class RoleNetConfig:
 @dataclass(frozen=True)
 class TextNetConfig:
     """How one text role is encoded: the text encoder, the tokenizer's vocabulary size and
-    the number of token ids per note (``max_tokens``)."""
+    the number of token ids per note (``max_tokens``), and the ``gru`` encoder's dropout on
+    its token embeddings while training (``embedding_dropout``)."""
 
     encoder: str = DEFAULT_TEXT_ENCODER
     vocab_size: int = 2
     max_tokens: int = DEFAULT_MAX_TOKENS
+    embedding_dropout: float = EMBEDDING_DROPOUT
 
     def __post_init__(self) -> None:
         if self.encoder not in TEXT_ENCODERS:
@@ -161,13 +164,14 @@ class TextNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoder": self.encoder, "vocab_size": self.vocab_size,
-                "max_tokens": self.max_tokens}
+                "max_tokens": self.max_tokens, "embedding_dropout": self.embedding_dropout}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TextNetConfig:
         return cls(encoder=str(d.get("encoder", DEFAULT_TEXT_ENCODER)),
                    vocab_size=int(d.get("vocab_size", 2)),
-                   max_tokens=int(d.get("max_tokens", DEFAULT_MAX_TOKENS)))
+                   max_tokens=int(d.get("max_tokens", DEFAULT_MAX_TOKENS)),
+                   embedding_dropout=float(d.get("embedding_dropout", EMBEDDING_DROPOUT)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,8 +301,9 @@ class FusionNet(nn.Module):
             }
         )
         for role, tc in config.texts.items():
-            self.encoders[role] = build_text_encoder(tc.encoder, vocab_size=tc.vocab_size,
-                                                     embed_dim=e)
+            self.encoders[role] = build_text_encoder(
+                tc.encoder, vocab_size=tc.vocab_size, embed_dim=e,
+                embedding_dropout=tc.embedding_dropout)
         self.clinical_encoder: nn.Module | None = None
         if config.n_clinical > 0:
             hidden = max(32, e)

@@ -353,26 +353,29 @@ class MiniLMTextEncoder(_ObservesFeatures):
         return self.proj(pooled)
 
 
-def _gru(vocab_size: int, embed_dim: int) -> nn.Module:
-    return GRUTextEncoder(vocab_size, embed_dim)
+def _gru(vocab_size: int, embed_dim: int, embedding_dropout: float) -> nn.Module:
+    return GRUTextEncoder(vocab_size, embed_dim, embedding_dropout=embedding_dropout)
 
 
-def _minilm(vocab_size: int, embed_dim: int) -> nn.Module:
+def _minilm(vocab_size: int, embed_dim: int, embedding_dropout: float) -> nn.Module:
+    del embedding_dropout  # frozen: nothing of its embeddings is trained
     return MiniLMTextEncoder(vocab_size, embed_dim)
 
 
-#: text encoder name -> builder(vocab_size, embed_dim) -> nn.Module
+#: text encoder name -> builder(vocab_size, embed_dim, embedding_dropout) -> nn.Module
 TEXT_ENCODERS = {"gru": _gru, "minilm": _minilm}
 
 
-def build_text_encoder(name: str, *, vocab_size: int, embed_dim: int) -> nn.Module:
+def build_text_encoder(name: str, *, vocab_size: int, embed_dim: int,
+                       embedding_dropout: float = EMBEDDING_DROPOUT) -> nn.Module:
     """Build the registered text encoder ``name`` mapping (B, L) token ids to
-    (B, embed_dim). RecipeError for an unknown name; MissingExtraError for ``minilm``
-    without its extra."""
+    (B, embed_dim); ``embedding_dropout`` is the ``gru`` encoder's dropout on its token
+    embeddings while training. RecipeError for an unknown name; MissingExtraError for
+    ``minilm`` without its extra."""
     if name not in TEXT_ENCODERS:
         raise RecipeError(f"unknown text encoder {name!r}; choose one of: "
                           f"{', '.join(sorted(TEXT_ENCODERS))}")
     if int(vocab_size) < 2 or int(embed_dim) < 1:
         raise RecipeError(f"a text encoder needs vocab_size >= 2 and embed_dim >= 1, got "
                           f"{vocab_size}, {embed_dim}")
-    return TEXT_ENCODERS[name](int(vocab_size), int(embed_dim))
+    return TEXT_ENCODERS[name](int(vocab_size), int(embed_dim), float(embedding_dropout))

@@ -33,6 +33,7 @@ from medfusion.models.text import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_PATIENTS,
     DEFAULT_TEXT_ENCODER,
+    EMBEDDING_DROPOUT,
     TEXT_ENCODERS,
 )
 from medfusion.preprocess import RoleSpec
@@ -51,7 +52,7 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
 _OTHER_ROLE_DEFAULT: dict[str, Any] = {"grid": (32, 32, 32), "normalization": "auto"}
 
 _MODALITY_KEYS = {"encoder", "grid", "spacing", "normalization", "ct_window", "fit"}
-_TEXT_KEYS = {"encoder", "max_tokens", "min_patients"}
+_TEXT_KEYS = {"encoder", "max_tokens", "min_patients", "embedding_dropout"}
 _TOP_KEYS = {
     "labels",
     "modalities",
@@ -119,16 +120,19 @@ class ModalityOptions:
 @dataclass(frozen=True)
 class TextOptions:
     """Options of one text (note) role: its encoder, how many tokens of a note are read
-    (the first ones), and k, the number of distinct patients whose notes must hold a word
-    for the fitted vocabulary to keep it (the ``gru`` encoder's privacy rule)."""
+    (the first ones), k, the number of distinct patients whose notes must hold a word
+    for the fitted vocabulary to keep it (the ``gru`` encoder's privacy rule), and the
+    ``gru`` encoder's dropout on its token embeddings while training."""
 
     encoder: str = DEFAULT_TEXT_ENCODER
     max_tokens: int = DEFAULT_MAX_TOKENS
     min_patients: int = DEFAULT_MIN_PATIENTS
+    embedding_dropout: float = EMBEDDING_DROPOUT
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoder": self.encoder, "max_tokens": self.max_tokens,
-                "min_patients": self.min_patients}
+                "min_patients": self.min_patients,
+                "embedding_dropout": self.embedding_dropout}
 
 
 @dataclass(frozen=True)
@@ -346,6 +350,8 @@ def _text(raw: Any, taken: set[str]) -> dict[str, TextOptions]:
                             f"text.{role}.max_tokens", 8, 512),
             min_patients=_int(options.get("min_patients", DEFAULT_MIN_PATIENTS),
                               f"text.{role}.min_patients", 2, 10000),
+            embedding_dropout=_float(options.get("embedding_dropout", EMBEDDING_DROPOUT),
+                                     f"text.{role}.embedding_dropout", 0.0, 0.9),
         )
     return dict(sorted(out.items()))
 

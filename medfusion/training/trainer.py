@@ -717,7 +717,8 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
         dropout=rec.dropout,
         modality_dropout=rec.modality_dropout,
         texts={r: TextNetConfig(encoder=o.encoder, vocab_size=tokenizers[r].vocab_size,
-                                max_tokens=o.max_tokens)
+                                max_tokens=o.max_tokens,
+                                embedding_dropout=o.embedding_dropout)
                for r, o in rec.text.items()},
     )
     deadline = None if rec.max_minutes is None else started + 60.0 * rec.max_minutes
