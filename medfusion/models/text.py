@@ -269,13 +269,12 @@ class _ObservesFeatures(nn.Module):
 class GRUTextEncoder(_ObservesFeatures):
     """Embedding + dropout + bidirectional GRU + mean/max pooling over the tokens + linear.
 
-    The dropout on the token embeddings (``EMBEDDING_DROPOUT``, training only) keeps the
-    encoder from memorising a few thousand short reports. On PadChest reports (age 70 or
-    more, 3,191 training reports, 24 epochs, one run each) the best epoch of the schedule's
-    second half, where epochs are kept, had 0.675 test AUROC without it, 0.793 with 0.25 and
-    0.788 with 0.5; on 480 synthetic notes whose signal hangs on negation ("No cough
-    reported."), 0.5 cost 0.12-0.14 AUROC while 0.25 stayed within the noise of no dropout
-    (0.723 / 0.729 against 0.717 / 0.785, two seeds)."""
+    The dropout on the token embeddings (training only; the recipe's ``embedding_dropout``,
+    default ``EMBEDDING_DROPOUT``) keeps the encoder from memorising a few thousand short
+    reports: without it, on 3,191 PadChest reports, validation AUROC peaked at epoch 2 and
+    the epochs that can be kept (the second half of the schedule) were overfitted. 0.5 suits
+    thousands of reports; on a few hundred short notes it cost 0.12-0.14 AUROC, hence the
+    default of 0.25 (docs/text.md, Benchmarks)."""
 
     def __init__(self, vocab_size: int, embed_dim: int, token_dim: int = 64,
                  hidden: int = 64, embedding_dropout: float = EMBEDDING_DROPOUT) -> None:
