@@ -397,3 +397,11 @@ def test_embedding_dropout_reaches_the_encoder_and_old_cards_keep_the_default() 
     assert net.encoders["history"].embedding_dropout.p == 0.5
     # a card written before the option existed
     assert TextNetConfig.from_dict({"encoder": "gru", "vocab_size": 30}).embedding_dropout == 0.25
+
+
+def test_inspect_counts_the_tokens_the_encoder_reads() -> None:
+    # inspect's note length and the fitted tokenizer split a note by the same rule
+    notes = ["Café ﬁbrosis, 3.5 cm; no—fever!", "ＡＢＣ lesion?? (left) x2", "cough"] * 5
+    tokenizer = NoteTokenizer.fit(notes, [f"p{i}" for i in range(len(notes))])
+    for text in [*notes, "Unseen WORDS, never fitted: 12/04/1961."]:
+        assert tokenizer.n_tokens(text) == count_tokens(text) > 0

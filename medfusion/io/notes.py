@@ -28,6 +28,7 @@ import stat
 from pathlib import Path
 
 from medfusion.errors import NoteError
+from medfusion.words import note_words
 
 #: largest note file read (bytes); a discharge summary is a few kB, a long history < 100 kB
 MAX_NOTE_BYTES = 1_000_000
@@ -116,17 +117,7 @@ def note_file(folder: str | os.PathLike[str], role: str) -> Path | None:
     return path
 
 
-def _pre_tokenizer():  # noqa: ANN202 - a tokenizers PreTokenizer
-    from tokenizers import normalizers, pre_tokenizers
-
-    return normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]), \
-        pre_tokenizers.Whitespace()
-
-
 def count_tokens(text: str | None) -> int:
-    """Words and punctuation groups of ``text`` (NFKC, lower case, the ``tokenizers``
-    Whitespace pre-tokenizer: the units the default text encoder's vocabulary is made of)."""
-    if not text:
-        return 0
-    normalizer, pre = _pre_tokenizer()
-    return len(pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    """Words and punctuation groups of ``text`` (:mod:`medfusion.words`: the units the
+    default text encoder's vocabulary is made of)."""
+    return len(note_words(text)) if text else 0

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from medfusion.errors import MissingExtraError, ModelPackageError, RecipeError
+from medfusion.words import note_normalizer, note_pre_tokenizer, note_words
 
 PAD, UNK = "[PAD]", "[UNK]"
 DEFAULT_TEXT_ENCODER = "gru"
@@ -76,17 +77,13 @@ def minilm_dir() -> Path:
 
 # --- tokenizer ---------------------------------------------------------------------------
 def _word_tokenizer() -> Any:
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
     tok = Tokenizer(WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.normalizer = note_normalizer()
+    tok.pre_tokenizer = note_pre_tokenizer()
     return tok
-
-
-def _words(tok: Any, text: str) -> list[str]:
-    return [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))]
 
 
 class NoteTokenizer:
@@ -125,7 +122,8 @@ class NoteTokenizer:
         tok = _word_tokenizer()
         per_patient: dict[str, set[str]] = {}
         for text, patient in zip(notes, patients, strict=True):
-            per_patient.setdefault(str(patient), set()).update(_words(tok, text))
+            per_patient.setdefault(str(patient), set()).update(
+                note_words(text, tok.normalizer, tok.pre_tokenizer))
         # One document per patient holding each of its words once: the trainer's frequency
         # is then the number of distinct patients, and min_frequency is k.
         documents = [" ".join(sorted(words)) for words in per_patient.values()]
