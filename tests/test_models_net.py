@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from medfusion.errors import (
     ModalityMismatchError,
     RecipeError,
 )
-from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig
+from medfusion.models.net import FusionNet, NetConfig, RoleNetConfig, tta_variants
 
 
 def _config(**changes) -> NetConfig:
@@ -227,3 +228,21 @@ def test_cards_without_input_standardisation_read_as_identity() -> None:
                 {"input_shift": float("inf")}):
         with pytest.raises(RecipeError, match="standardisation"):
             RoleNetConfig.from_dict({"grid": [16, 16, 16], **bad})
+
+
+def test_tta_variants_are_the_distinct_flips_only() -> None:
+    rng = np.random.default_rng(0)
+    ct = rng.normal(size=(2, 1, 4, 5, 6)).astype(np.float32)
+    xray = rng.normal(size=(2, 1, 4, 5, 1)).astype(np.float32)
+    ids = np.array([[3.0, 4.0, 0.0], [5.0, 0.0, 0.0]], dtype=np.float32)
+
+    def distinct(variants: list) -> int:
+        return len({tuple(v[r].tobytes() for r in sorted(v)) for v in variants})
+
+    volume = tta_variants({"ct": ct, "history": ids})
+    assert len(volume) == distinct(volume) == 8
+    assert np.array_equal(volume[0]["ct"], ct)  # the identity first
+    assert all(np.array_equal(v["history"], ids) for v in volume)  # notes never flipped
+    radiograph = tta_variants({"xray": xray})
+    assert len(radiograph) == distinct(radiograph) == 4  # its unit depth is not an axis
+    assert len(tta_variants({"history": ids})) == 1  # a text-only model: no copies

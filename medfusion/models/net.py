@@ -529,12 +529,16 @@ def run_net(net: FusionNet, images: Mapping[str, np.ndarray], clinical: np.ndarr
 
 
 def tta_variants(images: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """The batch under every combination of flips of the spatial axes (identity first);
-    unit axes (a radiograph's depth) are never flipped."""
+    """The batch under every combination of flips of the spatial axes (identity first).
+
+    Only axes that some image can flip take part: a radiograph's unit depth and a text
+    role's token ids (N, L) are never flipped, so a radiograph model gets 4 variants and a
+    text-only model 1, not copies of the same batch run through the network again."""
+    volumes = [a for a in images.values() if a.ndim == 5]
+    flippable = tuple(ax for ax in (2, 3, 4) if any(a.shape[ax] > 1 for a in volumes))
     variants = []
     for axes in itertools.chain.from_iterable(
-            itertools.combinations((2, 3, 4), k) for k in range(4)):
-        # token ids of a text role (N, L) are never flipped
+            itertools.combinations(flippable, k) for k in range(len(flippable) + 1)):
         variants.append({r: np.flip(a, axis=[ax for ax in axes if a.shape[ax] > 1])
                          if a.ndim == 5 and any(a.shape[ax] > 1 for ax in axes) else a
                          for r, a in images.items()})
