@@ -64,6 +64,8 @@ def test_the_same_generator_seed_gives_the_same_batch() -> None:
     c = _augment(x, torch.Generator().manual_seed(6), "flip_affine")
     assert torch.equal(a["ct"], b["ct"])
     assert not torch.equal(a["ct"], c["ct"])
+    flips_only = _augment(x, torch.Generator().manual_seed(5), "flip")
+    assert not torch.equal(a["ct"], flips_only["ct"])  # the mode reaches the affine step
     assert a["notes"] is x["notes"]  # token ids are never resampled
 
 
