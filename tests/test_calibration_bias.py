@@ -150,6 +150,9 @@ def test_calibration_split_is_held_back_from_epoch_selection(tmp_path: Path) -> 
     assert card["calibration"]["independent"] is True
     assert card["calibration"]["conformal"]["nonempty"] is True
     assert len(card["calibration"]["conformal"]["scores"]) == splits["calibration"]["n"]
+    # the scaler's two numbers at most are fitted on both halves, the conformal scores on one
+    assert card["calibration"]["temperature"]["n_samples"] == (
+        splits["calibration"]["n"] + splits["val"]["n"])
     assert card["metrics"]["calibration"]["n"] == splits["calibration"]["n"]
     assert card["training"]["history"] and "val_auroc" in card["training"]["history"][-1]
     assert not any("fewer than 20 validation" in w for w in card["training"]["warnings"])
@@ -158,5 +161,7 @@ def test_calibration_split_is_held_back_from_epoch_selection(tmp_path: Path) -> 
                   progress=False)
     card = json.loads((small / "model.json").read_text())
     assert card["calibration"]["independent"] is False
+    assert card["calibration"]["temperature"]["n_samples"] in (0, card["training"]["splits"]
+                                                                ["val"]["n"])
     assert "calibration" not in card["training"]["splits"]
     assert any("fewer than 20 validation" in w for w in card["training"]["warnings"])
