@@ -855,14 +855,18 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
             # AUROC, which no temperature or offset changes, so the selection half adds
             # studies without adding a choice made on the probabilities' scale.
             fit_idx = np.union1d(val_idx, calib_idx)
+            # Raw probabilities and feature shifts depend on the weights only, not on the
+            # calibration: one pass over the validation studies serves every step below.
+            raw_fit = model.raw_probabilities_arrays(*split_arrays(fit_idx))
+            shifts_fit = model_role_shifts(model.nets, *split_arrays(fit_idx))
+            rows = {"val": np.searchsorted(fit_idx, val_idx),
+                    "calibration": np.searchsorted(fit_idx, calib_idx)}
             prior = (-np.log(_class_weights(data.labels[train_idx], len(rec.labels)).numpy())
                      if rec.class_weighting else None)
-            scaler, fit_report = _fit_scaler(model.raw_probabilities_arrays(
-                *split_arrays(fit_idx)), data.labels[fit_idx], prior)
-            raw_cal = model.raw_probabilities_arrays(*split_arrays(calib_idx))
-            shifts_cal = model_role_shifts(model.nets, *split_arrays(calib_idx))
-            calibration = _calibrate(scaler, fit_report, raw_cal, data.labels[calib_idx],
-                                     shifts_cal)
+            scaler, fit_report = _fit_scaler(raw_fit, data.labels[fit_idx], prior)
+            cal = rows["calibration"]
+            calibration = _calibrate(scaler, fit_report, raw_fit[cal], data.labels[calib_idx],
+                                     [shifts_fit[i] for i in cal])
             # Scores from studies that neither training nor epoch selection saw hold their
             # coverage on new data; the selection split's are optimistic.
             calibration["independent"] = bool(len(data.indices(CALIBRATION_SPLIT)))
@@ -871,11 +875,10 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
             for name, idx in (("val", val_idx), ("calibration", calib_idx)):
                 if name == "calibration" and not calibration["independent"]:
                     continue
-                raw = model.raw_probabilities_arrays(*split_arrays(idx))
-                shifts = model_role_shifts(model.nets, *split_arrays(idx))
                 scores = (None if model.shift_reference is None
-                          else model.shift_reference.scores_of(shifts))
-                metrics[name] = summary_metrics(model.calibrated(raw, scores),
+                          else model.shift_reference.scores_of(
+                              [shifts_fit[i] for i in rows[name]]))
+                metrics[name] = summary_metrics(model.calibrated(raw_fit[rows[name]], scores),
                                                 data.labels[idx])
         if len(test_idx):
             raw_test = model.raw_probabilities_arrays(*split_arrays(test_idx))
