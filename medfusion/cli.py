@@ -151,6 +151,11 @@ def _print_training_summary(card: dict) -> None:
                 cells[2] += " (collapsed)"
             table.add_row(*cells)
         console.print(table)
+    topped_up = card.get("training", {}).get("validation_from_train") or {}
+    if topped_up.get("moved"):
+        console.print(f"validation split: {topped_up['moved']} studies moved from the training "
+                      f"split (validation_from_train {topped_up['setting']}, "
+                      f"{topped_up['fraction']:.2f}), for the calibration")
     calibration = card.get("calibration") or {}
     fit = calibration.get("fit") or {}
     scaler = calibration.get("temperature") or {}

@@ -165,3 +165,54 @@ def test_calibration_split_is_held_back_from_epoch_selection(tmp_path: Path) -> 
                                                                 ["val"]["n"])
     assert "calibration" not in card["training"]["splits"]
     assert any("fewer than 20 validation" in w for w in card["training"]["warnings"])
+
+
+def test_validation_from_train_moves_whole_patients_and_leaves_test_alone(tmp_path: Path
+                                                                          ) -> None:
+    import csv
+    import json
+    from collections import Counter
+
+    from medfusion.training.dataset import PreparedCache, build_dataset
+    from medfusion.training.manifest import assign_splits, read_manifest
+    from medfusion.training.recipe import load_recipe
+    from medfusion.training.trainer import _top_up_validation, train
+
+    cohort = write_cohort(tmp_path / "c", 60, seed=5, roles=("ct",), formats={"ct": "nifti"})
+    given = Counter(r["split"] for r in csv.DictReader(cohort.manifest.open(newline="")))
+    recipe = {"labels": ["normal", "abnormal"], "modalities": {"ct": {"grid": [16, 16, 16]}},
+              "fusion": "concat", "epochs": 1, "batch_size": 8, "ensemble": 1,
+              "calibration_fraction": 0, "validation_from_train": 0.3}
+    rec = load_recipe(recipe)
+    rows = read_manifest(cohort.manifest, rec)
+    data = build_dataset(rows, assign_splits(rows, val_fraction=0.15, test_fraction=0.15),
+                         rec, PreparedCache(None))
+    before = list(data.splits)
+    _top_up_validation(data, rec, seed=0)
+    moved = [i for i, (a, b) in enumerate(zip(before, data.splits, strict=True)) if a != b]
+    assert moved and all(before[i] == "train" and data.splits[i] == "val" for i in moved)
+    assert 0.2 * given["train"] <= len(moved) <= 0.4 * given["train"]
+    side: dict[str, set[str]] = {}
+    for row, split in zip(data.rows, data.splits, strict=True):
+        side.setdefault(row.patient_id, set()).add(split)
+    assert all(len(s) == 1 for s in side.values())  # a patient is never on both sides
+    # auto: a validation split under half of val_fraction is topped up by 15%; this
+    # cohort's own (about 15% of its patients) is left as it is
+    auto = load_recipe({**recipe, "validation_from_train": "auto"})
+    data = build_dataset(rows, assign_splits(rows, val_fraction=0.15, test_fraction=0.15),
+                         auto, PreparedCache(None))
+    assert _top_up_validation(data, auto, seed=0)["moved"] == 0
+    val_patients = sorted({r.patient_id for r, s in zip(data.rows, data.splits, strict=True)
+                           if s == "val"})
+    data.splits[:] = ["train" if s == "val" and r.patient_id != val_patients[0] else s
+                   for r, s in zip(data.rows, data.splits, strict=True)]
+    n_train = data.splits.count("train")
+    record = _top_up_validation(data, auto, seed=0)
+    assert record["setting"] == "auto" and record["fraction"] == 0.15
+    assert 0.1 * n_train <= record["moved"] <= 0.2 * n_train
+    # through train: the card counts what moved, and the test split is the manifest's
+    model = train(recipe, cohort.manifest, tmp_path / "m", seed=0, progress=False)
+    splits = json.loads((model / "model.json").read_text())["training"]["splits"]
+    assert splits["train"]["n"] == given["train"] - len(moved)
+    assert splits["val"]["n"] == given["val"] + len(moved)
+    assert splits["test"]["n"] == given["test"]
