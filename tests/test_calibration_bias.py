@@ -216,3 +216,17 @@ def test_validation_from_train_moves_whole_patients_and_leaves_test_alone(tmp_pa
     assert splits["train"]["n"] == given["train"] - len(moved)
     assert splits["val"]["n"] == given["val"] + len(moved)
     assert splits["test"]["n"] == given["test"]
+
+
+@pytest.mark.parametrize("bad", ["sometimes", None, 0.6, -0.1, True, float("nan")])
+def test_validation_from_train_is_auto_or_a_share(bad: object) -> None:
+    from medfusion.errors import RecipeError
+    from medfusion.training.recipe import load_recipe
+
+    base = {"labels": ["normal", "abnormal"], "modalities": {"ct": {}}}
+    auto = load_recipe(base)
+    assert auto.validation_from_train is None and auto.to_dict()["validation_from_train"] == "auto"
+    assert load_recipe(auto.to_dict()) == auto
+    assert load_recipe({**base, "validation_from_train": 0}).validation_from_train == 0.0
+    with pytest.raises(RecipeError, match="`auto` or a number"):
+        load_recipe({**base, "validation_from_train": bad})
