@@ -861,12 +861,12 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
             # calibration: one pass over the validation studies serves every step below.
             raw_fit = model.raw_probabilities_arrays(*split_arrays(fit_idx))
             shifts_fit = model_role_shifts(model.nets, *split_arrays(fit_idx))
-            rows = {"val": np.searchsorted(fit_idx, val_idx),
-                    "calibration": np.searchsorted(fit_idx, calib_idx)}
+            fit_rows = {"val": np.searchsorted(fit_idx, val_idx),
+                        "calibration": np.searchsorted(fit_idx, calib_idx)}
             prior = (-np.log(_class_weights(data.labels[train_idx], len(rec.labels)).numpy())
                      if rec.class_weighting else None)
             scaler, fit_report = _fit_scaler(raw_fit, data.labels[fit_idx], prior)
-            cal = rows["calibration"]
+            cal = fit_rows["calibration"]
             calibration = _calibrate(scaler, fit_report, raw_fit[cal], data.labels[calib_idx],
                                      [shifts_fit[i] for i in cal])
             # Scores from studies that neither training nor epoch selection saw hold their
@@ -879,8 +879,8 @@ def train(recipe: str | Path | Mapping[str, Any] | Recipe, manifest: str | Path,
                     continue
                 scores = (None if model.shift_reference is None
                           else model.shift_reference.scores_of(
-                              [shifts_fit[i] for i in rows[name]]))
-                metrics[name] = summary_metrics(model.calibrated(raw_fit[rows[name]], scores),
+                              [shifts_fit[i] for i in fit_rows[name]]))
+                metrics[name] = summary_metrics(model.calibrated(raw_fit[fit_rows[name]], scores),
                                                 data.labels[idx])
         if len(test_idx):
             raw_test = model.raw_probabilities_arrays(*split_arrays(test_idx))
