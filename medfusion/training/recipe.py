@@ -254,10 +254,10 @@ def _fraction_or_auto(value: Any, name: str, hi: float) -> float | None:
     """``auto`` (None) or a number in [0, hi]."""
     if value == "auto":
         return None
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not (math.isfinite(float(value)) and 0.0 <= float(value) <= hi)):
-        raise _err(f"`{name}` must be `auto` or a number in [0, {hi}], got {value!r}.")
-    return float(value)
+    try:
+        return _float(value, name, 0.0, hi)
+    except RecipeError:
+        raise _err(f"`{name}` must be `auto` or a number in [0, {hi}], got {value!r}.") from None
 
 
 def _bool(value: Any, name: str) -> bool:
