@@ -96,3 +96,19 @@ def test_unwritable_model_folder_fails_before_training(tmp_path: Path) -> None:
                                       str(tmp_path / "taken"), "--quiet"])
     assert result.exit_code == 1
     assert "[OUTPUT]" in result.output
+
+
+def test_train_says_how_many_studies_moved_to_validation(tmp_path: Path) -> None:
+    write_cohort(tmp_path / "c", 24, seed=5, roles=("ct",), formats={"ct": "nifti"})
+    (tmp_path / "recipe.yaml").write_text(
+        "labels: [normal, abnormal]\nmodalities:\n  ct: {grid: [16, 16, 16]}\n"
+        "fusion: concat\nepochs: 1\nbatch_size: 8\nensemble: 1\nvalidation_from_train: 0.3\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--manifest",
+                                      str(tmp_path / "c" / "manifest.csv"), "--out",
+                                      str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    moved = card["training"]["validation_from_train"]
+    assert moved["setting"] == "fixed" and moved["moved"] > 0
+    assert (f"validation split: {moved['moved']} studies moved from the training split"
+            in " ".join(result.output.split()))
